@@ -1,0 +1,124 @@
+"""Diffusion over parameter tokens with diffusers schedulers: training loss, sampling, guidance.
+
+Training uses DDPMScheduler.add_noise; sampling swaps in DDIM or DPM-Solver built from the same
+config (`from_config`), so one trained generator serves every sampler. The image defaults of
+diffusers are wrong here and set explicitly: no sample clipping (weights are not in [-1, 1]),
+trailing timestep spacing (few-step samplers start from pure noise), x0 prediction by default as
+in the paper (eps and v available). A scheduler holds state, so every request builds a fresh one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
+from tina.errors import TinaError
+
+PREDICTION_TYPES = {"x0": "sample", "eps": "epsilon", "v": "v_prediction"}
+SAMPLERS = ("ddim", "dpm", "ddpm")
+
+
+@dataclass
+class DiffusionConfig:
+    """Noise schedule, prediction target and sampling defaults."""
+
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "squaredcos_cap_v2"
+    prediction: str = "x0"  # x0 (paper), eps or v
+    cond_dropout: float = 0.1  # probability of training with the null text (classifier-free guidance)
+    sampler: str = "ddim"  # default sampler: ddim, dpm or ddpm
+    steps: int = 25  # default sampling steps
+    guidance: float = 1.0  # default guidance scale; 1 = plain conditional sampling
+
+    def __post_init__(self):
+        if self.prediction not in PREDICTION_TYPES:
+            raise ValueError(f"prediction must be one of {list(PREDICTION_TYPES)}, got {self.prediction!r}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+
+
+def scheduler_config(cfg: DiffusionConfig) -> dict:
+    """The DDPM training scheduler's config (saved in bundles as scheduler_config.json)."""
+    return dict(DDPMScheduler(
+        num_train_timesteps=cfg.num_train_timesteps,
+        beta_schedule=cfg.beta_schedule,
+        prediction_type=PREDICTION_TYPES[cfg.prediction],
+        clip_sample=False,
+        timestep_spacing="trailing",
+    ).config)
+
+
+def make_scheduler(config: dict, sampler: str = "ddpm"):
+    """A fresh scheduler of the given kind from a saved DDPM config."""
+    if sampler == "ddpm":
+        return DDPMScheduler.from_config(config)
+    if sampler == "ddim":
+        return DDIMScheduler.from_config(config, clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing")
+    if sampler == "dpm":
+        return DPMSolverMultistepScheduler.from_config(
+            config, algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="trailing", final_sigmas_type="zero"
+        )
+    raise TinaError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
+
+
+def training_loss(model, scheduler: DDPMScheduler, x0, elem_mask, cond, cond_mask, cond_dropout: float):
+    """Masked MSE of the model's prediction at a random timestep.
+
+    x0 (N, T, C) normalised tokens; elem_mask (N, T, C) True on real parameters; cond (N, K, E).
+    """
+    N = x0.shape[0]
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (N,), device=x0.device)
+    noise = torch.randn_like(x0)
+    xt = scheduler.add_noise(x0, noise, t)
+    uncond = torch.rand(N, device=x0.device) < cond_dropout
+    pred = model(xt, t, cond, cond_mask, uncond)  # (N, T, C)
+    kind = scheduler.config.prediction_type
+    target = {"sample": x0, "epsilon": noise}.get(kind)
+    if target is None:
+        target = scheduler.get_velocity(x0, noise, t)
+    w = elem_mask.to(pred.dtype)
+    return ((pred - target) ** 2 * w).sum() / w.sum().clamp_min(1)
+
+
+@torch.no_grad()
+def sample_tokens(
+    model,
+    config: dict,
+    cond: torch.Tensor,  # (N, K, E)
+    cond_mask: torch.Tensor | None = None,  # (N, K)
+    *,
+    sampler: str = "ddim",
+    steps: int = 25,
+    guidance: float = 1.0,
+    noise: torch.Tensor | None = None,  # (N, T, C); drawn from `generator` when None
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Run the reverse process; returns normalised x0 tokens (N, T, C)."""
+    if steps < 1:
+        raise TinaError(f"--steps must be at least 1, got {steps}")
+    N, K, _ = cond.shape
+    shape = (N, model.num_tokens(K), model.cfg.token_size)
+    sched = make_scheduler(config, sampler)
+    sched.set_timesteps(steps, device=cond.device)
+    x = noise if noise is not None else torch.randn(shape, generator=generator, device=cond.device)
+    x = x * sched.init_noise_sigma
+    guided = guidance != 1.0
+    for t in sched.timesteps:
+        x_in = sched.scale_model_input(x, t)
+        tt = t.expand(N).to(cond.device)
+        if guided:  # one batched call for conditional and null-text predictions
+            both = model(
+                torch.cat([x_in, x_in]),
+                torch.cat([tt, tt]),
+                torch.cat([cond, cond]),
+                None if cond_mask is None else torch.cat([cond_mask, cond_mask]),
+                torch.cat([torch.zeros(N, dtype=torch.bool), torch.ones(N, dtype=torch.bool)]).to(cond.device),
+            )
+            c, u = both.chunk(2)
+            pred = u + guidance * (c - u)
+        else:
+            pred = model(x_in, tt, cond, cond_mask)
+        x = sched.step(pred, t, x, generator=generator).prev_sample if sampler == "ddpm" else sched.step(pred, t, x).prev_sample
+    return x
