@@ -1,0 +1,165 @@
+"""A trained generator as a self-describing folder; saved atomically, loaded with strict checks.
+
+    bundle/
+      bundle.json            format, target, dataset + image spec, text encoder, layout fingerprint,
+                             generator config, k_max, metrics, training summary
+      config.yaml            the resolved training config
+      layout.json            ParamLayout.to_dict()
+      scheduler_config.json  the diffusers DDPM config every sampler is built from
+      weights.safetensors    EMA generator weights ("dit.*"), layout statistics ("layout.*"),
+                             frozen base weights ("base.*", timm targets), vocabulary text
+                             embeddings ("vocab.names"), image projector ("projector.*", optional)
+      vocab.json             class names of the vocabulary, in the order of vocab.names
+
+Nothing is unpickled: safetensors and JSON only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tina.errors import TinaError
+from tina.layout import ParamLayout
+from tina.model import DiT, DiTConfig
+from tina.targets import ImageSpec
+
+log = logging.getLogger(__name__)
+BUNDLE_FORMAT = "tina-generator/1"
+FILES = ("bundle.json", "layout.json", "scheduler_config.json", "weights.safetensors", "vocab.json")
+
+
+@dataclass
+class Bundle:
+    """Everything sampling needs, in memory."""
+
+    dit: DiT
+    layout: ParamLayout
+    scheduler_config: dict
+    target: str
+    image: ImageSpec
+    dataset: str
+    text_encoder: str
+    k_max: int
+    vocab: list[str]
+    vocab_emb: torch.Tensor  # (V, E) plain-name embeddings, L2-normalised
+    base: dict[str, torch.Tensor] = field(default_factory=dict)  # frozen (non-generated) weights
+    projector: dict[str, torch.Tensor] = field(default_factory=dict)  # image → text-embedding projector
+    projector_config: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)  # the rest of bundle.json (metrics, sampling defaults...)
+    path: Path | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        return self.layout.fingerprint
+
+
+def save_bundle(bundle: Bundle, path: str | os.PathLike, config_yaml: str | None = None) -> Path:
+    """Write the folder under a temporary name, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        tensors = {f"dit.{k}": v.detach().float().contiguous() for k, v in bundle.dit.state_dict().items()}
+        tensors |= {f"layout.{k}": v.contiguous() for k, v in bundle.layout.stats().items()}
+        tensors |= {f"base.{k}": v.detach().contiguous() for k, v in bundle.base.items()}
+        tensors |= {f"projector.{k}": v.detach().contiguous() for k, v in bundle.projector.items()}
+        tensors["vocab.names"] = bundle.vocab_emb.float().contiguous()
+        save_file(tensors, tmp / "weights.safetensors")
+        meta = {
+            "format": BUNDLE_FORMAT,
+            "target": bundle.target,
+            "dataset": bundle.dataset,
+            "image": bundle.image.to_dict(),
+            "text_encoder": bundle.text_encoder,
+            "layout_fingerprint": bundle.layout.fingerprint,
+            "dit": asdict(bundle.dit.cfg),
+            "k_max": bundle.k_max,
+            "projector": bundle.projector_config,
+        } | {k: v for k, v in bundle.meta.items() if k not in ("format",)}
+        (tmp / "bundle.json").write_text(json.dumps(meta, indent=2))
+        (tmp / "layout.json").write_text(json.dumps(bundle.layout.to_dict(), indent=2))
+        (tmp / "scheduler_config.json").write_text(json.dumps(bundle.scheduler_config, indent=2, default=str))
+        (tmp / "vocab.json").write_text(json.dumps(bundle.vocab, indent=1))
+        if config_yaml is not None:
+            (tmp / "config.yaml").write_text(config_yaml)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _read_json(path: Path) -> dict | list:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise TinaError(f"checkpoint file {path} is unreadable or corrupt: {e}") from None
+
+
+def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu", text_encoder: str | None = None) -> Bundle:
+    """Load and check a generator folder: format, layout fingerprint, tensor shapes (strict)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise TinaError(f"checkpoint {str(path)!r} does not exist (pass a generator folder, or 'default')")
+    missing = [f for f in FILES if not (path / f).is_file()]
+    if missing:
+        raise TinaError(f"{path} is not a Tina generator: missing {', '.join(missing)}")
+    meta = _read_json(path / "bundle.json")
+    if meta.get("format") != BUNDLE_FORMAT:
+        raise TinaError(f"{path} has format {meta.get('format')!r}; this Tina reads {BUNDLE_FORMAT!r}")
+    layout = ParamLayout.from_dict(_read_json(path / "layout.json"))
+    if layout.fingerprint != meta["layout_fingerprint"]:
+        raise TinaError(
+            f"{path}: layout fingerprint {layout.fingerprint} does not match the bundle's {meta['layout_fingerprint']} "
+            "(the checkpoint was made for another parameter layout)"
+        )
+    if text_encoder is not None and text_encoder != meta["text_encoder"]:
+        raise TinaError(f"{path} was trained with text encoder {meta['text_encoder']!r}, not {text_encoder!r}")
+    try:
+        tensors = load_file(path / "weights.safetensors", device="cpu")
+    except Exception as e:  # noqa: BLE001 - safetensors raises several error types for bad files
+        raise TinaError(f"{path}/weights.safetensors is corrupt: {e}") from None
+
+    def group(prefix):
+        return {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+
+    layout.load_stats(group("layout"))
+    dit = DiT(DiTConfig(**meta["dit"]))
+    try:
+        dit.load_state_dict(group("dit"), strict=True)
+    except RuntimeError as e:
+        raise TinaError(f"{path}: generator weights do not match its config: {str(e).splitlines()[0]}") from None
+    dit.to(device).eval()
+    vocab = _read_json(path / "vocab.json")
+    vocab_emb = tensors["vocab.names"]
+    if len(vocab) != vocab_emb.shape[0]:
+        raise TinaError(f"{path}: vocab.json has {len(vocab)} names but {vocab_emb.shape[0]} embeddings")
+    known = {"format", "target", "dataset", "image", "text_encoder", "layout_fingerprint", "dit", "k_max", "projector"}
+    return Bundle(
+        dit=dit,
+        layout=layout,
+        scheduler_config=_read_json(path / "scheduler_config.json"),
+        target=meta["target"],
+        image=ImageSpec.from_dict(meta["image"]),
+        dataset=meta["dataset"],
+        text_encoder=meta["text_encoder"],
+        k_max=int(meta["k_max"]),
+        vocab=vocab,
+        vocab_emb=vocab_emb,
+        base=group("base"),
+        projector=group("projector"),
+        projector_config=meta.get("projector") or {},
+        meta={k: v for k, v in meta.items() if k not in known},
+        path=path,
+    )

@@ -1,0 +1,188 @@
+"""The `tina` command. Each subcommand parses arguments and calls one library function.
+
+    tina generate "classify sneakers vs sandals"     prompt → model folder
+    tina predict FOLDER img.png ...                   class and probability per image
+    tina info [CHECKPOINT]                            what a generator was trained on, and how well
+    tina zoo build CONFIG key=value ...               build a zoo of personalized models
+    tina train CONFIG key=value ...                   train a generator on a zoo
+    tina eval ...                                     generated vs oracle and baselines
+    tina demo                                         the Gradio demo
+
+User mistakes (TinaError) print one line and exit with code 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on a model hub; weights are local
+
+from tina.errors import TinaError  # noqa: E402
+
+log = logging.getLogger("tina")
+
+
+def _slug(classes: list[str]) -> str:
+    s = "-vs-".join(c.replace(" ", "_") for c in classes)
+    return "".join(ch for ch in s if ch.isalnum() or ch in "-_")[:80] or "model"
+
+
+def _parse_image_prompts(items: list[str], image_spec) -> dict:
+    from tina.images import load_images
+
+    out: dict[str, list[str]] = {}
+    for item in items:
+        if "=" not in item:
+            raise TinaError(f"--image takes CLASS=path.png, got {item!r}")
+        name, path = item.split("=", 1)
+        out.setdefault(name.strip(), []).append(path)
+    return {k: load_images(v, image_spec) for k, v in out.items()}
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from tina.export import save_generated
+    from tina.sample import Tina
+
+    if args.prompt is None and not args.classes and not args.image:
+        raise TinaError('give a prompt, e.g. tina generate "classify sneakers vs sandals", or --classes A B')
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    tina = Tina.from_pretrained(args.checkpoint, device=args.device)
+    images = _parse_image_prompts(args.image, tina.bundle.image) if args.image else None
+    task = tina.make_task(args.prompt, args.classes, images)
+    print("classes (output order): " + ", ".join(f"{i}={c}" for i, c in enumerate(task.classes)))
+    for w in task.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    model = tina.generate_tasks([task], seed=args.seed, steps=args.steps, guidance=args.guidance, sampler=args.sampler)[0]
+    out = Path(args.output) if args.output else Path("generated") / _slug(task.classes)
+    save_generated(model, out, formats=tuple(args.format))
+    n = sum(p.numel() for p in model.parameters())
+    print(f"generated a {len(task.classes)}-class {tina.bundle.target} ({n:,} parameters) in {model.tina_info['seconds']:.2f}s -> {out}")
+    print("use it:")
+    print(f"  tina predict {out} image.png")
+    print(f"  python -c \"import torch; m = torch.export.load('{out}/model.pt2').module(); "
+          f"print(m(torch.rand(1, {tina.bundle.image.channels}, {tina.bundle.image.size}, {tina.bundle.image.size})))\"")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    import torch
+
+    from tina.export import load_generated
+    from tina.images import load_images
+
+    net = load_generated(args.model)
+    x = load_images(args.images, net.image)
+    with torch.no_grad():
+        probs = net(x).softmax(-1)
+    for path, p in zip(args.images, probs):
+        i = int(p.argmax())
+        ranked = ", ".join(f"{net.classes[j]} {p[j]:.3f}" for j in p.argsort(descending=True)[: args.top].tolist())
+        print(f"{path}: {net.classes[i]} ({p[i]:.3f})   [{ranked}]")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from tina.bundle import load_bundle
+    from tina.sample import resolve_checkpoint
+
+    path = resolve_checkpoint(args.checkpoint)
+    b = load_bundle(path)
+    info = {"path": str(path), "target": b.target, "dataset": b.dataset, "text_encoder": b.text_encoder,
+            "layout_fingerprint": b.fingerprint, "k_max": b.k_max, "vocabulary": b.vocab,
+            "generator_parameters": sum(p.numel() for p in b.dit.parameters()), "image_prompts": bool(b.projector), **b.meta}
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def cmd_zoo(args) -> int:
+    # The CLI is the one place that reaches into zoo_builder (the library `tina` never does).
+    from zoo_builder.build import main as zoo_main
+
+    return zoo_main(args.rest)
+
+
+def cmd_train(args) -> int:
+    from tina.train import main as train_main
+
+    return train_main(args.rest)
+
+
+def cmd_eval(args) -> int:
+    from tina.evaluate import main as eval_main
+
+    return eval_main(args.rest)
+
+
+def cmd_demo(args) -> int:
+    from serve.app import main as demo_main
+
+    return demo_main(args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from tina.diffusion import SAMPLERS
+
+    ap = argparse.ArgumentParser(prog="tina", description="Text-to-model: type a task, get a working classifier.")
+    ap.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate a classifier from a prompt")
+    g.add_argument("prompt", nargs="?", help='e.g. "classify sneakers vs sandals"')
+    g.add_argument("--classes", nargs="+", metavar="CLASS", help="explicit class names, in output order")
+    g.add_argument("--image", action="append", default=[], metavar="CLASS=PATH",
+                   help="image prompt for a class (repeat for several images or classes)")
+    g.add_argument("--checkpoint", default="default", help="generator folder, or 'default'")
+    g.add_argument("-o", "--output", help="model folder to write (default generated/<classes>)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--steps", type=int, default=None, help="sampling steps (default: the checkpoint's)")
+    g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = none)")
+    g.add_argument("--sampler", choices=SAMPLERS, default=None)
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--format", nargs="+", default=["pt2"], choices=["pt2", "onnx"], help="export formats")
+    g.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("predict", help="classify images with a generated model folder")
+    p.add_argument("model", help="folder written by tina generate")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--top", type=int, default=3)
+    p.set_defaults(func=cmd_predict)
+
+    i = sub.add_parser("info", help="describe a generator checkpoint")
+    i.add_argument("checkpoint", nargs="?", default="default")
+    i.set_defaults(func=cmd_info)
+
+    for name, func, help_ in [
+        ("zoo", cmd_zoo, "build a zoo: tina zoo build CONFIG key=value ..."),
+        ("train", cmd_train, "train a generator: tina train CONFIG key=value ..."),
+        ("eval", cmd_eval, "evaluate a generator against the oracle and baselines"),
+        ("demo", cmd_demo, "start the Gradio demo"),
+    ]:
+        s = sub.add_parser(name, help=help_, add_help=False)
+        s.add_argument("rest", nargs=argparse.REMAINDER)
+        s.set_defaults(func=func)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args) or 0
+    except TinaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""Zoo shards → training batches.
+
+A zoo (written by zoo_builder, format in docs/DESIGN.md) is a manifest plus webdataset shards, one
+sample per personalized model. Training streams the shards split across ranks and workers and
+turns each model into an example with two augmentations that make the generator robust:
+  * a random class order (head rows and text embeddings permuted alike), and
+  * mixed prompts: each class's text is drawn from its variants (name, templates, descriptions).
+Batches pad tasks of different k to the batch's largest k; masks mark the real classes.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import webdataset as wds
+
+from tina.errors import TinaError
+from tina.layout import ParamLayout
+
+log = logging.getLogger(__name__)
+ZOO_FORMAT = "tina-zoo/1"
+
+
+def read_manifest(zoo: str | Path) -> dict:
+    """The zoo's manifest, checked for format; TinaError if the folder is not a finished zoo."""
+    path = Path(zoo) / "manifest.json"
+    if not path.is_file():
+        raise TinaError(f"{zoo} is not a finished zoo (no manifest.json); build one with `tina zoo build CONFIG`")
+    try:
+        man = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise TinaError(f"{path} is not valid JSON: {e}") from None
+    if man.get("format") != ZOO_FORMAT:
+        raise TinaError(f"{path} has format {man.get('format')!r}, expected {ZOO_FORMAT!r}")
+    return man
+
+
+def shard_urls(zoo: str | Path, manifest: dict, split: str) -> list[str]:
+    names = manifest["shards"].get(split, [])
+    return [str(Path(zoo) / n) for n in names]
+
+
+def load_split(zoo: str | Path, split: str, limit: int | None = None) -> list[dict]:
+    """Every model of one split, decoded into memory (for statistics, validation and evaluation)."""
+    man = read_manifest(zoo)
+    urls = shard_urls(zoo, man, split)
+    if not urls:
+        return []
+    ds = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False).decode()
+    out = []
+    for s in ds:
+        out.append(
+            {
+                "key": s["__key__"],
+                "params": torch.from_numpy(np.asarray(s["params.npy"], dtype=np.float32)),
+                "classes": s["classes.json"]["names"],
+                "class_ids": s["classes.json"]["ids"],
+                "emb": torch.from_numpy(np.asarray(s["emb.npy"], dtype=np.float32)),  # (k, V, E)
+                "prompts": s["prompts.json"],
+                "metrics": s["metrics.json"],
+            }
+        )
+        if limit is not None and len(out) >= limit:
+            break
+    return out
+
+
+@dataclass
+class AugmentConfig:
+    """How training examples are varied."""
+
+    permute_classes: bool = True  # random class order per example
+    name_prob: float = 0.5  # probability a class is given by its plain name; else a random variant
+
+
+def make_example(params: torch.Tensor, emb: torch.Tensor, layout: ParamLayout, aug: AugmentConfig, rng: random.Random) -> dict:
+    """One model → x0 tokens (T, C), element mask (T, C) and per-class text (k, E)."""
+    k, V, _ = emb.shape
+    order = list(range(k))
+    if aug.permute_classes:
+        rng.shuffle(order)
+    perm = torch.tensor(order)
+    rows = params[layout.body_size :].reshape(k, layout.head_dim)[perm]
+    flat = torch.cat([params[: layout.body_size], rows.reshape(-1)])
+    variant = torch.tensor([0 if rng.random() < aug.name_prob else rng.randrange(V) for _ in range(k)])
+    cond = emb[perm, variant]  # (k, E)
+    cond = cond / cond.norm(dim=-1, keepdim=True).clamp_min(1e-6)  # re-normalise after float16 storage
+    x0 = layout.tokenize(layout.normalize(flat, k), k)
+    return {"x0": x0, "elem_mask": layout.token_mask(k), "cond": cond, "k": k}
+
+
+def collate(examples: list[dict], layout: ParamLayout) -> dict:
+    """Pad to the batch's largest k: x0/elem_mask (N, T, C), cond (N, K, E), cond_mask (N, K)."""
+    K = max(e["k"] for e in examples)
+    N, C, E = len(examples), layout.token_size, examples[0]["cond"].shape[-1]
+    T = layout.num_tokens(K)
+    x0 = torch.zeros(N, T, C)
+    elem_mask = torch.zeros(N, T, C, dtype=torch.bool)
+    cond = torch.zeros(N, K, E)
+    cond_mask = torch.zeros(N, K, dtype=torch.bool)
+    for i, e in enumerate(examples):
+        n = layout.num_tokens(e["k"])
+        x0[i, :n], elem_mask[i, :n] = e["x0"], e["elem_mask"]
+        cond[i, : e["k"]], cond_mask[i, : e["k"]] = e["cond"], True
+    return {"x0": x0, "elem_mask": elem_mask, "cond": cond, "cond_mask": cond_mask}
+
+
+class ZooStream(torch.utils.data.IterableDataset):
+    """Endless stream of training examples from the train shards.
+
+    Shards are split across ranks and workers when there are enough of them; otherwise every
+    worker resamples shards at random (so a small zoo still feeds many GPUs without a hang).
+    """
+
+    def __init__(self, urls: list[str], layout: ParamLayout, aug: AugmentConfig, seed: int, shuffle_buffer: int = 500):
+        self.urls, self.layout, self.aug, self.seed, self.shuffle_buffer = urls, layout, aug, seed, shuffle_buffer
+
+    def _pipeline(self):
+        info = torch.utils.data.get_worker_info()
+        workers = info.num_workers if info else 1
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        if len(self.urls) >= workers * world:
+            ds = wds.WebDataset(
+                self.urls, nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker,
+                shardshuffle=len(self.urls), seed=self.seed, empty_check=False,
+            ).repeat()
+        else:
+            ds = wds.WebDataset(self.urls, resampled=True, seed=self.seed, empty_check=False)
+        return ds.shuffle(self.shuffle_buffer).decode()
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        rng = random.Random(hash((self.seed, rank, info.id if info else 0)))
+        for s in self._pipeline():
+            params = torch.from_numpy(np.asarray(s["params.npy"], dtype=np.float32))
+            emb = torch.from_numpy(np.asarray(s["emb.npy"], dtype=np.float32))
+            yield make_example(params, emb, self.layout, self.aug, rng)
+
+
+def layout_from_manifest(man: dict) -> ParamLayout:
+    layout = ParamLayout.from_dict(man["layout"])
+    if layout.fingerprint != man["layout_fingerprint"]:
+        raise TinaError(f"zoo manifest layout fingerprint {man['layout_fingerprint']} does not match its layout ({layout.fingerprint})")
+    return layout
+
+
+def fit_layout_stats(zoo: str | Path, layout: ParamLayout, limit: int = 4000) -> None:
+    """Normalisation statistics from (up to `limit` of) the zoo's training models."""
+    models = load_split(zoo, "train", limit=limit)
+    if not models:
+        raise TinaError(f"zoo {zoo} has no training models")
+    layout.fit_stats([m["params"] for m in models])
+
+
+class ZooDataModule(L.LightningDataModule):
+    """Train: the endless shard stream (global batch split across ranks). Val: one dummy batch that
+    triggers the generated-accuracy validation in the LightningModule."""
+
+    def __init__(self, zoo: str | Path, layout: ParamLayout, aug: AugmentConfig, batch_size: int, workers: int = 0, seed: int = 0):
+        super().__init__()
+        self.zoo, self.layout, self.aug, self.batch_size, self.workers, self.seed = Path(zoo), layout, aug, batch_size, workers, seed
+        self.urls = shard_urls(zoo, read_manifest(zoo), "train")
+        if not self.urls:
+            raise TinaError(f"zoo {zoo} lists no train shards")
+
+    def train_dataloader(self):
+        world = self.trainer.world_size if self.trainer is not None else 1
+        per_rank = max(1, self.batch_size // world)
+        return torch.utils.data.DataLoader(
+            ZooStream(self.urls, self.layout, self.aug, self.seed), batch_size=per_rank, num_workers=self.workers,
+            collate_fn=functools.partial(collate, layout=self.layout), persistent_workers=self.workers > 0,
+        )
+
+    def val_dataloader(self):
+        return torch.utils.data.DataLoader([0], batch_size=1)

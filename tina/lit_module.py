@@ -1,0 +1,146 @@
+"""Lightning wiring for the generator: optimisation, EMA, validation by real accuracy. No math here
+beyond what Lightning needs; the loss and sampler live in tina/diffusion.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import dataclass
+
+import lightning as L
+import numpy as np
+import torch
+
+from tina.accuracy import accuracy, task_test_set
+from tina.diffusion import DiffusionConfig, make_scheduler, sample_tokens, scheduler_config, training_loss
+from tina.layout import ParamLayout
+from tina.model import DiT
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up and cosine decay; EMA of the weights for sampling."""
+
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 200
+    min_lr_ratio: float = 0.05  # cosine decays to lr * min_lr_ratio at max_steps
+    ema_decay: float = 0.999
+
+
+@dataclass
+class ValConfig:
+    """Validation samples models for held-out tasks and measures them on real test images."""
+
+    tasks: int = 24  # held-out tasks sampled per validation
+    split: str = "unseen_combo"
+    images_per_class: int = 200
+    steps: int = 25
+    sampler: str = "ddim"
+    guidance: float = 1.0
+
+
+class TinaLitModule(L.LightningModule):
+    """Trains a DiT on zoo examples; keeps an EMA copy used for validation and export."""
+
+    def __init__(self, dit: DiT, layout: ParamLayout, diffusion: DiffusionConfig, optim: OptimConfig, max_steps: int,
+                 val: ValConfig | None = None, val_models: list[dict] | None = None, dataset=None, target: str | None = None):
+        super().__init__()
+        self.dit = dit
+        self.ema = copy.deepcopy(dit).requires_grad_(False)
+        self.layout, self.diffusion, self.optim_cfg, self.max_steps = layout, diffusion, optim, max_steps
+        self.sched_config = scheduler_config(diffusion)
+        self.scheduler = make_scheduler(self.sched_config, "ddpm")
+        self.val_cfg, self.val_models, self.dataset, self.target = val, val_models or [], dataset, target
+
+    def training_step(self, batch, batch_idx):
+        loss = training_loss(self.dit, self.scheduler, batch["x0"], batch["elem_mask"], batch["cond"], batch["cond_mask"],
+                             self.diffusion.cond_dropout)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["x0"].shape[0])
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        # Warm the EMA up (as in many diffusion codebases) so early validations are meaningful.
+        step = self.global_step
+        decay = min(self.optim_cfg.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(self.ema.parameters(), self.dit.parameters()):
+                e.lerp_(p.detach().to(e.dtype), 1 - decay)
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for n, p in self.dit.named_parameters():
+            (no_decay if p.ndim < 2 or n.endswith("_pos") or n == "null_cond" else decay).append(p)
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.optim_cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.optim_cfg.lr, betas=(0.9, 0.99),
+        )
+        warm, total, floor = self.optim_cfg.warmup_steps, max(self.max_steps, 1), self.optim_cfg.min_lr_ratio
+
+        def lr_lambda(step):
+            if step < warm:
+                return (step + 1) / warm
+            progress = min(1.0, (step - warm) / max(1, total - warm))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ---- validation: real accuracy of generated models ------------------------------------------
+
+    def validation_step(self, batch, batch_idx):
+        return None  # everything happens once per validation, in on_validation_epoch_end
+
+    @torch.no_grad()
+    def on_validation_epoch_end(self):
+        if not self.val_models or self.dataset is None or self.trainer.sanity_checking:
+            return
+        metrics = validate_generated(self.ema, self.layout, self.sched_config, self.val_models, self.dataset, self.target, self.val_cfg)
+        for k, v in metrics.items():
+            self.log(f"val/{k}", v, rank_zero_only=True, sync_dist=False)
+        log.info("step %d: %s", self.global_step, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+
+
+@torch.no_grad()
+def validate_generated(dit, layout, sched_config, models: list[dict], dataset, target: str, cfg: ValConfig, base=None) -> dict:
+    """Generate the given zoo tasks from their class names; mean accuracy vs oracle and selection."""
+    from tina.sample import build_model
+    from tina.bundle import Bundle
+
+    dit.eval()
+    device = next(dit.parameters()).device
+    K = max(len(m["classes"]) for m in models)
+    E = models[0]["emb"].shape[-1]
+    cond = torch.zeros(len(models), K, E)
+    mask = torch.zeros(len(models), K, dtype=torch.bool)
+    for i, m in enumerate(models):
+        k = len(m["classes"])
+        cond[i, :k] = torch.nn.functional.normalize(m["emb"][:, 0], dim=-1)  # plain class names
+        mask[i, :k] = True
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(len(models), dit.num_tokens(K), layout.token_size, generator=gen)
+    tokens = sample_tokens(dit, sched_config, cond.to(device), mask.to(device), sampler=cfg.sampler, steps=cfg.steps,
+                           guidance=cfg.guidance, noise=noise.to(device)).float().cpu()
+    shell = Bundle(dit=dit, layout=layout, scheduler_config=sched_config, target=target, image=dataset.image,
+                   dataset=dataset.name, text_encoder="", k_max=K, vocab=[], vocab_emb=torch.zeros(0, E), base=base or {})
+    gen_acc, oracle, select = [], [], []
+    for i, m in enumerate(models):
+        k = len(m["classes"])
+        flat = layout.denormalize(layout.detokenize(tokens[i, : layout.num_tokens(k)], k), k)
+        x, y = task_test_set(dataset, m["class_ids"], cfg.images_per_class)
+        try:
+            net = build_model(shell, flat, m["classes"])
+            gen_acc.append(accuracy(net, x, y))
+        except Exception:  # noqa: BLE001 - NaN weights early in training count as chance
+            gen_acc.append(1.0 / k)
+        oracle.append(m["metrics"]["oracle_acc"])
+        select.append(m["metrics"]["selection_acc"])
+    g, o, s = map(np.mean, (gen_acc, oracle, select))
+    return {"gen_acc": float(g), "oracle_acc": float(o), "selection_acc": float(s),
+            "ratio_to_oracle": float(g / o), "gain_captured": float((g - s) / (o - s)) if o > s else float("nan")}
+
+

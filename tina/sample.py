@@ -1,0 +1,215 @@
+"""Prompt → text embeddings → parameter tokens → a standalone classifier.
+
+`Tina` is the Python API:
+
+    from tina import Tina
+    t = Tina.from_pretrained("default")
+    model = t.generate("classify sneakers vs sandals")      # an nn.Module with .classes
+    models = t.generate_many(["cats vs dogs", "coat, shirt or dress"])   # one batched reverse process
+
+In-vocabulary class names use the embeddings cached in the checkpoint, so the text encoder is only
+loaded for words the checkpoint has not seen. Each call builds its own scheduler and generator
+state, so one `Tina` can serve concurrent requests.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tina.bundle import Bundle, load_bundle
+from tina.diffusion import sample_tokens
+from tina.errors import TinaError
+from tina.prompts import parse_prompt
+from tina.targets import TargetNet, get_target
+
+log = logging.getLogger(__name__)
+CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
+FAR_FROM_VOCAB = 0.5  # cosine similarity under which a class gets a vocabulary warning
+
+
+def resolve_checkpoint(name_or_path: str | Path) -> Path:
+    """'default' (or another name shipped in tina/checkpoints/) or a folder path."""
+    p = Path(name_or_path)
+    if not p.exists() and (CHECKPOINT_DIR / str(name_or_path)).is_dir():
+        return CHECKPOINT_DIR / str(name_or_path)
+    if not p.exists():
+        shipped = sorted(d.name for d in CHECKPOINT_DIR.iterdir() if d.is_dir()) if CHECKPOINT_DIR.is_dir() else []
+        raise TinaError(f"unknown checkpoint {str(name_or_path)!r}: not a folder, and not one of the shipped {shipped}")
+    return p
+
+
+@dataclass
+class Task:
+    """One generation request after parsing."""
+
+    classes: list[str]
+    prompt: str
+    cond: torch.Tensor  # (k, E)
+    warnings: list[str] = field(default_factory=list)
+
+
+def build_model(bundle: Bundle, flat: torch.Tensor, classes: list[str]) -> TargetNet:
+    """A TargetNet carrying generated weights (+ the bundle's frozen base weights), loaded strictly."""
+    if not torch.isfinite(flat).all():
+        bad = (~torch.isfinite(flat)).sum().item()
+        raise TinaError(f"the generated weights contain {bad} NaN/Inf values; try another --seed or fewer --guidance")
+    k = len(classes)
+    net = get_target(bundle.target).build(k, bundle.image)
+    state = bundle.layout.unflatten(flat.float().cpu(), k) | bundle.base
+    net.load_state_dict(state, strict=True)
+    net.classes = list(classes)
+    return net.eval()
+
+
+class Tina:
+    """A loaded generator, ready to turn prompts into models."""
+
+    def __init__(self, bundle: Bundle, device: str | torch.device = "cpu"):
+        self.bundle = bundle
+        self.device = torch.device(device)
+        self._vocab_index = {n.lower(): i for i, n in enumerate(bundle.vocab)}
+        self._encoder = None
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path = "default", device: str | torch.device = "cpu") -> "Tina":
+        device = _check_device(device)
+        return cls(load_bundle(resolve_checkpoint(name_or_path), device=device), device)
+
+    # ---- text ---------------------------------------------------------------------------------
+
+    @property
+    def encoder(self):
+        if self._encoder is None:
+            from tina.text import get_text_encoder
+
+            self._encoder = get_text_encoder(self.bundle.text_encoder)
+        return self._encoder
+
+    def embed_classes(self, classes: list[str]) -> tuple[torch.Tensor, list[str]]:
+        """(k, E) embeddings, cached ones for known names; plus warnings for far-off classes."""
+        emb = [None] * len(classes)
+        unknown = [i for i, c in enumerate(classes) if c.lower() not in self._vocab_index]
+        for i, c in enumerate(classes):
+            if i not in unknown:
+                emb[i] = self.bundle.vocab_emb[self._vocab_index[c.lower()]]
+        if unknown:
+            new = self.encoder.encode([classes[i] for i in unknown]).float().cpu()
+            for j, i in enumerate(unknown):
+                emb[i] = new[j]
+        emb = torch.stack(emb)  # (k, E)
+        warnings = []
+        sims = emb @ self.bundle.vocab_emb.T  # (k, V)
+        for i in unknown:
+            top = sims[i].topk(min(3, sims.shape[1]))
+            if top.values[0] < FAR_FROM_VOCAB:
+                near = ", ".join(f"{self.bundle.vocab[j]} ({v:.2f})" for v, j in zip(top.values.tolist(), top.indices.tolist()))
+                warnings.append(f"class {classes[i]!r} is far from this checkpoint's vocabulary; nearest: {near}")
+        return emb, warnings
+
+    def embed_images(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """Mean embedding (E,) of one class's example images, (n, C, H, W) floats in [0, 1]."""
+        from tina.projector import embed_class_images
+
+        return embed_class_images(self, images)
+
+    # ---- tasks --------------------------------------------------------------------------------
+
+    def make_task(self, prompt: str | None = None, classes: list[str] | None = None, images: dict | None = None) -> Task:
+        from tina.prompts import normalize_class
+
+        if classes:
+            classes = [normalize_class(c) for c in classes]
+            _check_classes(classes)
+        elif prompt is not None:
+            classes = parse_prompt(prompt)
+        elif images:
+            classes = list(images)
+        else:
+            raise TinaError("give a prompt, --classes or image prompts")
+        if len(classes) > self.bundle.k_max:
+            raise TinaError(f"{len(classes)} classes asked for, but this checkpoint supports at most {self.bundle.k_max}")
+        cond, warnings = self.embed_classes(classes)
+        for name, imgs in (images or {}).items():
+            name = normalize_class(name)
+            if name not in classes:
+                raise TinaError(f"image prompt for {name!r}, which is not one of the classes {classes}")
+            cond[classes.index(name)] = self.embed_images(imgs)
+            warnings = [w for w in warnings if not w.startswith(f"class {name!r}")]
+        return Task(classes, prompt if prompt is not None else " vs ".join(classes), cond, warnings)
+
+    # ---- generation ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate_tasks(
+        self, tasks: list[Task], seed: int = 0, steps: int | None = None, guidance: float | None = None, sampler: str | None = None,
+    ) -> list[TargetNet]:
+        """All tasks in one batched reverse process (tasks of different k are padded and masked)."""
+        d = self.bundle.meta.get("sampling", {})
+        steps = steps or d.get("steps", 25)
+        guidance = d.get("guidance", 1.0) if guidance is None else guidance
+        sampler = sampler or d.get("sampler", "ddim")
+        t0 = time.perf_counter()
+        K = max(len(t.classes) for t in tasks)
+        E = tasks[0].cond.shape[-1]
+        cond = torch.zeros(len(tasks), K, E)
+        mask = torch.zeros(len(tasks), K, dtype=torch.bool)
+        for i, t in enumerate(tasks):
+            cond[i, : len(t.classes)], mask[i, : len(t.classes)] = t.cond, True
+        gen = torch.Generator().manual_seed(seed)
+        noise = torch.randn(len(tasks), self.bundle.dit.num_tokens(K), self.bundle.layout.token_size, generator=gen)
+        tokens = sample_tokens(
+            self.bundle.dit, self.bundle.scheduler_config, cond.to(self.device), None if bool(mask.all()) else mask.to(self.device),
+            sampler=sampler, steps=steps, guidance=guidance, noise=noise.to(self.device),
+        ).float().cpu()
+        models = []
+        layout = self.bundle.layout
+        for i, t in enumerate(tasks):
+            k = len(t.classes)
+            flat = layout.denormalize(layout.detokenize(tokens[i, : layout.num_tokens(k)], k), k)
+            net = build_model(self.bundle, flat, t.classes)
+            net.tina_info = {
+                "prompt": t.prompt, "classes": t.classes, "seed": seed, "steps": steps, "guidance": guidance,
+                "sampler": sampler, "warnings": t.warnings, "generator_fingerprint": layout.fingerprint,
+                "checkpoint": str(self.bundle.path) if self.bundle.path else None,
+                "seconds": time.perf_counter() - t0,
+            }
+            models.append(net)
+        return models
+
+    def generate(self, prompt: str | None = None, *, classes: list[str] | None = None, images: dict | None = None,
+                 seed: int = 0, steps: int | None = None, guidance: float | None = None, sampler: str | None = None) -> TargetNet:
+        """One model: `prompt` ("classify X vs Y") or explicit `classes`; `images` {class: (n,C,H,W)}."""
+        task = self.make_task(prompt, classes, images)
+        return self.generate_tasks([task], seed=seed, steps=steps, guidance=guidance, sampler=sampler)[0]
+
+    def generate_many(self, prompts: list[str | list[str]], seed: int = 0, **kw) -> list[TargetNet]:
+        """Many models in one batched call; each item is a prompt or a list of class names."""
+        tasks = [self.make_task(classes=p) if isinstance(p, list) else self.make_task(p) for p in prompts]
+        return self.generate_tasks(tasks, seed=seed, **kw)
+
+
+def _check_classes(classes: list[str]) -> None:
+    if len(classes) < 2:
+        raise TinaError(f"a classifier needs at least two classes, got {classes}")
+    seen = set()
+    for c in classes:
+        if not c:
+            raise TinaError("empty class name")
+        if c in seen:
+            raise TinaError(f"class {c!r} is given twice")
+        seen.add(c)
+
+
+def _check_device(device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise TinaError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TinaError("--device cuda was asked for, but CUDA is not available here")
+    return dev
