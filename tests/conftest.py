@@ -15,3 +15,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def random_generator(tmp_path_factory):
+    """An untrained generator folder over the Fashion-MNIST vocabulary (no training needed)."""
+    from tina.testing import random_bundle
+
+    return random_bundle(tmp_path_factory.mktemp("gen") / "random")

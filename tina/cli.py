@@ -126,6 +126,9 @@ def cmd_demo(args) -> int:
     return demo_main(args.rest)
 
 
+DELEGATED = ("zoo", "train", "eval", "demo")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from tina.diffusion import SAMPLERS
 
@@ -172,7 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if argv and argv[0] in DELEGATED:  # these parse their own arguments (argparse REMAINDER drops --help)
+        args = parser.parse_args([argv[0]])
+        args.rest = argv[1:]
+    else:
+        args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args) or 0

@@ -1,0 +1,94 @@
+"""Sampler API, generated model folders and bundle checks, on an untrained generator."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from tina import Tina, load_generated
+from tina.bundle import load_bundle
+from tina.errors import TinaError
+from tina.export import save_generated
+
+
+@pytest.fixture(scope="module")
+def tina(random_generator):
+    return Tina.from_pretrained(random_generator)
+
+
+def test_generate_returns_standalone_model(tina, tmp_path):
+    model = tina.generate("classify sneakers vs sandals", seed=3)
+    assert model.classes == ["sneaker", "sandal"]
+    x = torch.rand(4, 1, 28, 28)
+    assert model(x).shape == (4, 2)
+    out = save_generated(model, tmp_path / "m")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["classes"] == ["sneaker", "sandal"] and cfg["seed"] == 3 and cfg["prompt"] == "classify sneakers vs sandals"
+    assert cfg["generator_fingerprint"] == tina.bundle.fingerprint
+    prog = torch.export.load(str(out / "model.pt2")).module()
+    for n in (1, 7):  # dynamic batch
+        xb = torch.rand(n, 1, 28, 28)
+        assert torch.allclose(prog(xb), model(xb), atol=1e-5)
+    again = load_generated(out)
+    assert again.classes == model.classes
+    assert torch.allclose(again(x), model(x), atol=1e-6)
+
+
+def test_seed_determinism_and_class_order(tina):
+    a = tina.generate(classes=["coat", "bag", "dress"], seed=1)
+    b = tina.generate(classes=["coat", "bag", "dress"], seed=1)
+    c = tina.generate(classes=["coat", "bag", "dress"], seed=2)
+    x = torch.rand(5, 1, 28, 28)
+    assert torch.equal(a(x), b(x))
+    assert not torch.allclose(a(x), c(x))
+
+
+def test_generate_many_matches_single_calls_in_shape(tina):
+    models = tina.generate_many(["cats vs dogs", ["coat", "shirt", "bag", "sandal"]], seed=0)
+    assert [len(m.classes) for m in models] == [2, 4]
+    assert models[1](torch.rand(2, 1, 28, 28)).shape == (2, 4)
+
+
+def test_out_of_vocabulary_warning(tina):
+    task = tina.make_task("classify spaceships vs sandals")
+    assert any("spaceship" in w and "nearest" in w for w in task.warnings)
+    assert not tina.make_task("classify sneakers vs sandals").warnings
+
+
+@pytest.mark.parametrize("prompt,match", [("", "empty"), ("sandals", "two"), ("sandals vs sandals", "twice")])
+def test_bad_prompts(tina, prompt, match):
+    with pytest.raises(TinaError, match=match):
+        tina.generate(prompt)
+
+
+def test_too_many_classes(tina):
+    with pytest.raises(TinaError, match="at most"):
+        tina.generate(classes=[f"class {i}" for i in range(tina.bundle.k_max + 1)])
+
+
+def test_nan_weights_are_reported(tina, monkeypatch):
+    import tina.sample as s
+
+    monkeypatch.setattr(s, "sample_tokens", lambda *a, **k: torch.full((1, tina.bundle.dit.num_tokens(2), 128), float("nan")))
+    with pytest.raises(TinaError, match="NaN"):
+        tina.generate("coat vs bag")
+
+
+def test_bundle_checks(random_generator, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(random_generator, bad)
+    meta = json.loads((bad / "bundle.json").read_text())
+    meta["layout_fingerprint"] = "0" * 16
+    (bad / "bundle.json").write_text(json.dumps(meta))
+    with pytest.raises(TinaError, match="fingerprint"):
+        load_bundle(bad)
+    with pytest.raises(TinaError, match="text encoder"):
+        load_bundle(random_generator, text_encoder="open_clip:ViT-B-32/openai")
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(random_generator, corrupt)
+    (corrupt / "weights.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(TinaError, match="corrupt"):
+        load_bundle(corrupt)
+    with pytest.raises(TinaError, match="does not exist|unknown checkpoint"):
+        Tina.from_pretrained(tmp_path / "nope")
