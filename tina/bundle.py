@@ -62,13 +62,18 @@ class Bundle:
         return self.layout.fingerprint
 
 
-def save_bundle(bundle: Bundle, path: str | os.PathLike, config_yaml: str | None = None) -> Path:
-    """Write the folder under a temporary name, then rename it into place."""
+def save_bundle(bundle: Bundle, path: str | os.PathLike, config_yaml: str | None = None,
+                weights_dtype: torch.dtype = torch.float32) -> Path:
+    """Write the folder under a temporary name, then rename it into place.
+
+    `weights_dtype=torch.float16` halves the generator's size on disk (the shipped default uses it);
+    loading always computes in float32.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        tensors = {f"dit.{k}": v.detach().float().contiguous() for k, v in bundle.dit.state_dict().items()}
+        tensors = {f"dit.{k}": v.detach().to(weights_dtype).contiguous() for k, v in bundle.dit.state_dict().items()}
         tensors |= {f"layout.{k}": v.contiguous() for k, v in bundle.layout.stats().items()}
         tensors |= {f"base.{k}": v.detach().contiguous() for k, v in bundle.base.items()}
         tensors |= {f"projector.{k}": v.detach().contiguous() for k, v in bundle.projector.items()}
@@ -137,7 +142,7 @@ def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu", tex
     layout.load_stats(group("layout"))
     dit = DiT(DiTConfig(**meta["dit"]))
     try:
-        dit.load_state_dict(group("dit"), strict=True)
+        dit.load_state_dict({k: v.float() for k, v in group("dit").items()}, strict=True)
     except RuntimeError as e:
         raise TinaError(f"{path}: generator weights do not match its config: {str(e).splitlines()[0]}") from None
     dit.to(device).eval()
