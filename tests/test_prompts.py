@@ -48,6 +48,7 @@ PARSES = [
     ("salt and pepper vs sugar", ["salt and pepper", "sugar"]),
     ("labels vs tags", ["label", "tag"]),  # a filler word followed by a separator is a class
     ("'sneakers' vs \"sandals\"", ["sneaker", "sandal"]),
+    ("cats vs dogs vs", ["cat", "dog"]),  # a dangling separator is dropped
 ]
 
 
@@ -61,7 +62,7 @@ ERRORS = [
     ("   \n ", "empty"),
     ("classify", "no class names"),
     ("sneakers", "only one class"),
-    ("classify sneakers vs", "only one class"),
+    ("classify sneakers vs", "only one class ('sneaker')"),
     ("sneakers vs sandals vs Sneaker", "'sneaker' appears twice"),
     ("the cat or a cats", "'cat' appears twice"),
     ("cats vs " + "dogs " * 300, "characters long"),

@@ -161,10 +161,13 @@ _LEAD = re.compile(
     r"categori[sz]e[s]?|apart|between|among|amongst|either|images? of|photos? of|pictures? of|"
     r"pics? of|is it|is this|is that|which is it|what is it|is the (?:image|picture|photo)|it|this)\b[\s:,]*"
 )
-_VERB_WITH_FROM = re.compile(r"^(?:please |can you |could you )?(?:tell|distinguish|differentiate|separate|discriminate|know)\b")
+_VERB_WITH_FROM = re.compile(  # verbs that take "x from y"
+    r"^(?:please |can you |could you )?(?:tell|distinguish|differentiate|separate|discriminate|know)\b"
+)
 _STRONG_SEP = re.compile(r"\s+(?:vs\.?|versus)\s+|\s*[;|]\s*")  # classes may still hold "and", "/", "or"
 _WEAK_SEP = re.compile(r"\s*(?:,|/|&|\band\b|\bor\b|\bnor\b)\s*")
 _COMMA = re.compile(r"\s*,\s*")
+_DANGLING = re.compile(r"(?:\s+(?:vs\.?|versus|and|or|nor|from)|\s*[,/&;|])+$")
 _STARTS_WITH_SEP = re.compile(r"^(?:vs\b|versus\b|or\b|and\b|nor\b|from\b|[,/&;|])")
 
 
@@ -180,12 +183,14 @@ def parse_prompt(text: str) -> list[str]:
         raise TinaError(f"the prompt is empty; name the classes to tell apart, {EXAMPLE}")
     if len(text) > MAX_PROMPT_CHARS:
         raise TinaError(
-            f"the prompt is {len(text)} characters long; keep it under {MAX_PROMPT_CHARS} (just the class names, {EXAMPLE})"
+            f"the prompt is {len(text)} characters long; keep it under {MAX_PROMPT_CHARS} "
+            f"(just the class names, {EXAMPLE})"
         )
     s = text.lower().replace("’", "'").replace("‘", "'")
     s = re.sub(r"\s+", " ", s).strip()
     s = re.sub(r"[?!.]+$", "", s).strip()  # "is it an x or a y?"
     s = re.sub(r"\s+apart$", "", s)  # "tell x and y apart"
+    s = _DANGLING.sub("", s)  # "cats vs dogs vs" (an unfinished prompt) → "cats vs dogs"
     from_ok = bool(_VERB_WITH_FROM.match(s))
     while True:  # peel leading filler words until none is left
         stripped = _LEAD.sub("", s, count=1).strip()

