@@ -23,3 +23,36 @@ def random_generator(tmp_path_factory):
     from tina.testing import random_bundle
 
     return random_bundle(tmp_path_factory.mktemp("gen") / "random")
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(tmp_path_factory):
+    """A seconds-long Fashion-MNIST zoo built by zoo_builder (configs/zoo/tiny.yaml)."""
+    from pathlib import Path
+
+    from zoo_builder.build import main as zoo_main
+
+    out = tmp_path_factory.mktemp("zoo") / "tiny"
+    cfg = Path(__file__).parent.parent / "configs" / "zoo" / "tiny.yaml"
+    assert zoo_main(["build", str(cfg), f"out={out}"]) == 0
+    return out
+
+
+TINY_TRAIN = [
+    "generator.size=DiT-T", "trainer.batch_size=8", "trainer.val_every=1000", "trainer.ckpt_every=3",
+    "val.tasks=3", "val.steps=3", "val.images_per_class=20", "trainer.final_val_tasks=3", "optim.warmup_steps=2",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_zoo, tmp_path_factory):
+    """A generator trained for a few steps on the tiny zoo (its bundle is at RUN/bundle)."""
+    from pathlib import Path
+
+    from tina.config import load_config
+    from tina.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("run") / "run"
+    cfg = Path(__file__).parent.parent / "configs" / "train" / "fashion_mnist.yaml"
+    train(load_config(TrainConfig, cfg, [f"zoo={tiny_zoo}", f"out={out}", "trainer.max_steps=6", *TINY_TRAIN]))
+    return out

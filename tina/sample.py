@@ -128,7 +128,8 @@ class Tina:
         elif prompt is not None:
             classes = parse_prompt(prompt)
         elif images:
-            classes = list(images)
+            classes = [normalize_class(c) for c in images]
+            _check_classes(classes)
         else:
             raise TinaError("give a prompt, --classes or image prompts")
         if len(classes) > self.bundle.k_max:

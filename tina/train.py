@@ -19,6 +19,7 @@ from tina.config import load_config, save_config
 from tina.data import AugmentConfig, ZooDataModule, fit_layout_stats, layout_from_manifest, load_split, read_manifest
 from tina.diffusion import DiffusionConfig
 from tina.errors import TinaError
+from tina.layout import ParamLayout
 from tina.lit_module import OptimConfig, TinaLitModule, ValConfig, validate_generated
 from tina.model import DIT_SIZES, build_dit
 
@@ -60,6 +61,7 @@ class TrainConfig:
     out: str = "runs/fashion_mnist"
     data_root: str | None = None  # dataset location for validation (default: the dataset's own default)
     resume: bool = True  # continue from out/checkpoints/last.ckpt when present
+    token_size: int = 0  # numbers per parameter token; 0 = the zoo's (flat vectors do not depend on it)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -95,6 +97,8 @@ def train(cfg: TrainConfig) -> Path:
     zoo = Path(cfg.zoo)
     man = read_manifest(zoo)
     layout = layout_from_manifest(man)
+    if cfg.token_size and cfg.token_size != layout.token_size:
+        layout = ParamLayout.from_dict({**layout.to_dict(), "token_size": cfg.token_size})
     fit_layout_stats(zoo, layout)
     vocab_t = load_file(zoo / "vocab.safetensors")
     cond_dim = vocab_t["names"].shape[-1]
