@@ -6,7 +6,7 @@ TEST_APT_PACKAGES := chromium
 export HF_HUB_OFFLINE := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup setup-dev apt apt-test test test-all zoo train checkpoint eval bench demo
+.PHONY: setup setup-dev apt test test-all zoo train checkpoint eval bench demo
 
 # Debian packages with the offline datasets. Installed when we are root and apt-get exists;
 # otherwise we say what to install (the package still runs `tina generate` without them).
@@ -38,6 +38,9 @@ zoo:
 	tina zoo build configs/zoo/fashion_mnist.yaml
 train:
 	tina train configs/train/fashion_mnist.yaml
+checkpoint: zoo train
+	$(PYTHON) -m tina.projector runs/fashion_mnist/bundle
+	$(PYTHON) -m tina.bundle runs/fashion_mnist/bundle tina/checkpoints/default --half
 eval:
 	tina eval --checkpoint runs/fashion_mnist/bundle --zoo zoos/fashion_mnist --out outputs/eval
 bench:

@@ -168,3 +168,33 @@ def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu", tex
         meta={k: v for k, v in meta.items() if k not in known},
         path=path,
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m tina.bundle SRC DEST [--half]`: copy a generator folder, optionally with float16 weights
+    (how the shipped default is made from a training run's bundle)."""
+    import argparse
+    import hashlib
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m tina.bundle", description=main.__doc__)
+    ap.add_argument("src")
+    ap.add_argument("dest")
+    ap.add_argument("--half", action="store_true", help="store the generator weights as float16")
+    args = ap.parse_args(argv)
+    try:
+        b = load_bundle(args.src)
+        cfg = Path(args.src) / "config.yaml"
+        out = save_bundle(b, args.dest, config_yaml=cfg.read_text() if cfg.is_file() else None,
+                          weights_dtype=torch.float16 if args.half else torch.float32)
+    except TinaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    size = sum(f.stat().st_size for f in out.iterdir())
+    digest = hashlib.sha256((out / "weights.safetensors").read_bytes()).hexdigest()
+    print(f"{out}: {size / 1e6:.1f} MB, weights.safetensors sha256 {digest}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
