@@ -1,0 +1,240 @@
+"""zoo_builder: task sampling, batched == per-model training, shards, resume after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tina.config import load_config
+from tina.targets import ImageSpec, get_target
+from zoo_builder import fit
+from zoo_builder.config import TasksConfig, ZooConfig
+from zoo_builder.tasks import sample_tasks
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "zoo" / "tiny.yaml"
+
+
+# ---- tasks ---------------------------------------------------------------------------------------
+
+
+def test_task_sampler_is_deterministic_and_splits_are_disjoint():
+    cfg = TasksConfig(train=300, unseen_combo=40, unseen_class=20, held_out_classes=3, k_min=2, k_max=6, seed=7)
+    a, b = sample_tasks(12, cfg), sample_tasks(12, cfg)
+    assert a == b
+    assert sample_tasks(12, replace(cfg, seed=8)) != a
+    held = set(a.held_out_classes)
+    assert len(held) == 3
+    ids = [t.task_id for t in a.tasks]
+    assert len(ids) == len(set(ids)) == 360
+    train_sets = {frozenset(t.classes) for t in a.split("train")}
+    for t in a.tasks:
+        assert cfg.k_min <= len(t.classes) <= cfg.k_max and len(set(t.classes)) == len(t.classes)
+    for t in a.split("train") + a.split("unseen_combo"):
+        assert not held & set(t.classes), "held-out classes must never appear in train / unseen_combo tasks"
+    combos = [frozenset(t.classes) for t in a.split("unseen_combo")]
+    assert len(combos) == 40 and not train_sets & set(combos), "unseen combos must never occur in train as sets"
+    assert all(held & set(t.classes) for t in a.split("unseen_class"))
+    d = a.to_dict()
+    assert type(a).from_dict(json.loads(json.dumps(d))) == a
+
+
+def test_task_sampler_keeps_every_size_for_train():
+    # 10 classes, k up to 10: the single 10-class set can never be held out.
+    plan = sample_tasks(10, TasksConfig(train=2000, unseen_combo=200, k_min=2, k_max=10))
+    sizes = {len(t.classes) for t in plan.split("train")}
+    assert sizes == set(range(2, 11))
+    assert all(len(t.classes) < 10 for t in plan.split("unseen_combo"))
+
+
+# ---- batched training == per-model training --------------------------------------------------------
+
+
+def _nets(ks, image, seed=0):
+    torch.manual_seed(seed)
+    return [get_target("cnn-5k").build(k, image) for k in ks]
+
+
+@pytest.mark.parametrize("channels,size", [(1, 28), (3, 32)])
+def test_batched_cnn_equals_per_model_training(channels, size):
+    """Three models with different k: stacked forward + Adam steps match separate TargetNets."""
+    image = ImageSpec(channels, size, (0.3,) * channels, (0.35,) * channels)
+    ks, B, steps = [2, 5, 3], 12, 3
+    nets = _nets(ks, image)
+    net = fit.StackedCNN5k(channels, size)
+    K = max(ks)
+    params = net.pack([n.state_dict() for n in nets], K)
+    kmask = torch.arange(K)[None] < torch.tensor(ks)[:, None]
+    trainer = fit.StackedTrainer(net, params, kmask, lr=3e-3)
+    opts = [torch.optim.Adam(n.parameters(), lr=3e-3) for n in nets]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        x = torch.rand(len(ks), B, channels, size, size, generator=gen)
+        x[:, :, :, : size // 4] = 0  # flat regions: ties in the max-pools must resolve like max_pool2d
+        y = torch.stack([torch.randint(0, k, (B,), generator=gen) for k in ks])
+        xn = ((x - 0.3) / 0.35).permute(0, 1, 3, 4, 2).contiguous()  # (G, B, H, W, C) normalised
+        loss = trainer.step(xn, y)
+        for i, n in enumerate(nets):
+            ref = F.cross_entropy(n(x[i]), y[i])
+            opts[i].zero_grad()
+            ref.backward()
+            opts[i].step()
+            assert loss[i].item() == pytest.approx(ref.item(), abs=1e-5)
+    x = torch.rand(6, channels, size, size, generator=gen)
+    xn = ((x - 0.3) / 0.35).permute(0, 2, 3, 1)[None].expand(len(ks), -1, -1, -1, -1).contiguous()
+    logits = net.logits(params, xn)
+    for i, n in enumerate(nets):
+        sd = net.state_dict(params, i, ks[i])
+        for name, ref in n.state_dict().items():
+            torch.testing.assert_close(sd[name], ref, atol=2e-5, rtol=1e-4, msg=name)
+        torch.testing.assert_close(logits[i, :, : ks[i]], n(x), atol=1e-4, rtol=1e-4)
+
+
+def test_batched_linear_heads_equal_per_model_training():
+    D, ks, B = 16, [4, 2, 7], 10
+    torch.manual_seed(0)
+    heads = [torch.nn.Linear(D, k) for k in ks]
+    net = fit.StackedLinear(D)
+    params = net.pack([{"head.weight": h.weight.detach(), "head.bias": h.bias.detach()} for h in heads], max(ks))
+    trainer = fit.StackedTrainer(net, params, torch.arange(max(ks))[None] < torch.tensor(ks)[:, None], lr=1e-2)
+    opts = [torch.optim.Adam(h.parameters(), lr=1e-2) for h in heads]
+    for _ in range(4):
+        f = torch.randn(len(ks), B, D)
+        y = torch.stack([torch.randint(0, k, (B,)) for k in ks])
+        trainer.step(f, y)
+        for i, h in enumerate(heads):
+            opts[i].zero_grad()
+            F.cross_entropy(h(f[i]), y[i]).backward()
+            opts[i].step()
+    for i, h in enumerate(heads):
+        sd = net.state_dict(params, i, ks[i])
+        torch.testing.assert_close(sd["head.weight"], h.weight.detach())
+        torch.testing.assert_close(sd["head.bias"], h.bias.detach())
+
+
+def test_minibatches_come_from_each_models_own_classes():
+    labels = torch.arange(50) % 5
+    order, start, count = fit.class_index(labels, 5, 0, torch.Generator().manual_seed(0))
+    data = fit.FitData(labels, order, start, count, labels, order, start, count, torch.zeros(1), torch.ones(1), torch.zeros(50, 1))
+    tasks = [[3, 1], [0, 4, 2]]
+    ids, ks, _ = fit.class_tables(tasks, 3)
+    idx, y = fit.sample_batch(data, ids, ks, 200, torch.Generator().manual_seed(1))
+    for m, t in enumerate(tasks):
+        assert set(y[m].tolist()) == set(range(len(t)))
+        assert torch.equal(labels[idx[m]], torch.tensor(t)[y[m]])
+
+
+# ---- a tiny real build ---------------------------------------------------------------------------
+
+def _tiny_cfg(out: Path, *extra: str) -> ZooConfig:
+    return load_config(ZooConfig, TINY, [f"out={out}", *extra])
+
+
+@pytest.fixture(scope="module")
+def tiny_zoo(tmp_path_factory):
+    pytest.importorskip("tina.datasets")
+    from tina.datasets import load_dataset
+    from tina.errors import TinaError
+    from zoo_builder.build import build
+
+    try:
+        load_dataset("fashion-mnist")
+    except TinaError as e:
+        pytest.skip(f"Fashion-MNIST not available: {e}")
+    out = tmp_path_factory.mktemp("zoo") / "tiny"
+    man = build(_tiny_cfg(out))
+    assert man is not None
+    return out
+
+
+def _samples(zoo: Path):
+    import webdataset as wds
+
+    man = json.loads((zoo / "manifest.json").read_text())
+    urls = [str(zoo / n) for split in man["shards"].values() for n in split]
+    return man, list(wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode())
+
+
+def test_shards_round_trip(tiny_zoo):
+    from tina.layout import ParamLayout
+    from tina.prompts import NUM_VARIANTS
+
+    man, samples = _samples(tiny_zoo)
+    assert man["format"] == "tina-zoo/1" and man["target"] == "cnn-5k"
+    layout = ParamLayout.from_dict(man["layout"])
+    assert layout.fingerprint == man["layout_fingerprint"]
+    assert len(samples) == man["counts"]["models"] == len(man["tasks"])
+    image = ImageSpec.from_dict(man["dataset"]["image"])
+    for s in samples:
+        flat = torch.from_numpy(np.asarray(s["params.npy"]))
+        assert flat.dtype == torch.float32
+        ids, names = s["classes.json"]["ids"], s["classes.json"]["names"]
+        k = len(ids)
+        assert ids == man["tasks"][s["__key__"]] and names == [man["dataset"]["classes"][c] for c in ids]
+        assert flat.shape == (layout.num_params(k),)
+        net = get_target("cnn-5k").build(k, image)
+        net.load_state_dict(layout.unflatten(flat, k), strict=True)  # a complete, loadable model
+        torch.testing.assert_close(layout.flatten(net.state_dict()), flat)
+        assert s["emb.npy"].dtype == np.float16 and s["emb.npy"].shape[:2] == (k, NUM_VARIANTS)
+        assert len(s["prompts.json"]) == k and s["prompts.json"][0][0] == names[0]
+        m = s["metrics.json"]
+        assert m["task_id"] == s["__key__"] and m["k"] == k and 0 <= m["oracle_acc"] <= 1
+    vocab_ids = {c for s in samples for c in s["classes.json"]["ids"]}
+    assert vocab_ids <= set(range(len(man["dataset"]["classes"])))
+    assert (tiny_zoo / "generic.safetensors").is_file() and man["generic"]["test_acc"] > 0.3
+    assert not list(tiny_zoo.glob("*.tmp"))
+
+
+def test_fine_tuning_beats_classifier_selection(tiny_zoo):
+    _, samples = _samples(tiny_zoo)
+    oracle = np.mean([s["metrics.json"]["oracle_acc"] for s in samples])
+    selection = np.mean([s["metrics.json"]["selection_acc"] for s in samples])
+    assert oracle >= selection, (oracle, selection)
+
+
+def test_build_resumes_after_sigkill_without_losing_or_duplicating(tiny_zoo, tmp_path):
+    """Kill a build (SIGKILL) right after its first shard lands, resume it, compare with the clean build."""
+    out = tmp_path / "resumed"
+    out.mkdir()
+    for name in ("generic.safetensors", "generic.json", "vocab.safetensors"):  # reused, as after a kill
+        shutil.copy(tiny_zoo / name, out / name)
+    cmd = [sys.executable, "-m", "zoo_builder", "build", str(TINY), f"out={out}"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(out.glob("*.tar")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = sorted(p.name for p in out.glob("*.tar"))
+    assert finished and not (out / "manifest.json").exists(), "the kill should land mid-build"
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    man, samples = _samples(out)
+    keys = [s["__key__"] for s in samples]
+    assert sorted(keys) == sorted(man["tasks"]) and len(keys) == len(set(keys))
+    assert not list(out.glob("*.tmp"))
+    # Per-shard seeds: every shard equals the one the uninterrupted build wrote.
+    for name in sorted(p.name for p in out.glob("*.tar")):
+        assert (out / name).read_bytes() == (tiny_zoo / name).read_bytes(), name
+
+
+def test_cli_reports_config_errors(tmp_path, capsys):
+    from zoo_builder.build import main
+
+    assert main(["build", str(TINY), f"out={tmp_path}", "no_such_key=1"]) == 2
+    assert "no_such_key" in capsys.readouterr().err
+    assert main(["build", str(tmp_path / "missing.yaml")]) == 2

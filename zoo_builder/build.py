@@ -1,0 +1,247 @@
+"""Build a zoo: `python -m zoo_builder build CONFIG key=value ...` (also `tina zoo build`).
+
+Steps, each resumable:
+  1. prepare (rank 0): sample tasks, train or reuse the generic model, encode the vocabulary,
+     write plan.json; other ranks wait for plan.json;
+  2. shards: shard i is built by rank i % world_size; finished shards are skipped, so a killed
+     build resumes where it stopped and, with per-shard seeds, rebuilds exactly what was lost;
+  3. finalize: whichever rank finds every shard present writes manifest.json (atomically).
+Ranks come from --rank/--world-size or the RANK/WORLD_SIZE variables torchrun sets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from tina.config import config_hash, load_config, save_config
+from tina.errors import TinaError
+from tina.layout import ParamLayout, layout_for
+from zoo_builder import fit, generic
+from zoo_builder.config import ZooConfig, identity, identity_hash
+from zoo_builder.shards import (
+    MANIFEST, PLAN, build_manifest, encode_sample, load_vocab, plan_shards, read_json, remove_stale_tmp,
+    write_json, write_shard, write_vocab,
+)  # fmt: skip
+from zoo_builder.tasks import TaskPlan, sample_tasks
+
+log = logging.getLogger(__name__)
+WAIT_SECONDS = 6 * 3600  # how long a rank > 0 waits for rank 0 to prepare
+
+
+def _fit_net(cfg: ZooConfig, image, feature_dim: int):
+    return fit.StackedCNN5k(image.channels, image.size) if cfg.target == "cnn-5k" else fit.StackedLinear(feature_dim)
+
+
+def prepare(cfg: ZooConfig, zoo: Path, dataset) -> dict:
+    """Rank 0's one-time work; returns the plan (the manifest minus shards and counts)."""
+    from tina.prompts import NUM_VARIANTS, class_variants
+    from tina.text import get_text_encoder
+
+    layout = layout_for(cfg.target, dataset.image, cfg.token_size)
+    if generic.load_generic(zoo, cfg) is None:
+        features = frozen_features(cfg, dataset, None)
+        net, metrics = generic.train_generic(cfg, dataset, features)
+        generic.save_generic(zoo, net, metrics)
+    if not (zoo / "vocab.safetensors").is_file():
+        log.info("encoding %d classes x %d variants with %s", len(dataset.classes), NUM_VARIANTS, cfg.text_encoder)
+        write_vocab(zoo, dataset.classes, get_text_encoder(cfg.text_encoder), class_variants)
+    plan = sample_tasks(len(dataset.classes), cfg.tasks)
+    plan_json = {
+        "dataset": {"name": cfg.dataset.name, "root": cfg.dataset.root, "classes": list(dataset.classes),
+                    "image": dataset.image.to_dict()},
+        "target": cfg.target, "token_size": cfg.token_size,
+        "layout": layout.to_dict(), "layout_fingerprint": layout.fingerprint,
+        "text_encoder": cfg.text_encoder, "num_variants": NUM_VARIANTS,
+        "config": identity(cfg), "config_hash": config_hash(cfg), "identity_hash": identity_hash(cfg),
+        **plan.to_dict(),
+    }  # fmt: skip
+    write_json(zoo / PLAN, plan_json)  # last: its presence tells other ranks that preparation is done
+    return plan_json
+
+
+def frozen_features(cfg: ZooConfig, dataset, state: dict | None) -> dict | None:
+    """+linear targets: the frozen backbone's features of every train and test image (None for cnn-5k)."""
+    if cfg.target == "cnn-5k":
+        return None
+    net = generic.build_net(cfg, dataset.image, len(dataset.classes))
+    if state is not None:
+        net.load_state_dict(state, strict=True)
+    elif not (cfg.generic.pretrained or cfg.generic.checkpoint):
+        log.warning("%s: the frozen backbone is randomly initialised; set generic.pretrained=true or generic.checkpoint", cfg.target)
+    return {"train": generic.extract_features(net, dataset.train_x, desc="train features"),
+            "test": generic.extract_features(net, dataset.test_x, desc="test features")}  # fmt: skip
+
+
+def make_fit_data(cfg: ZooConfig, dataset, state: dict, features: dict | None) -> fit.FitData:
+    gen = torch.Generator().manual_seed(cfg.finetune.seed)
+    n = len(dataset.classes)
+    train_order, train_start, train_count = fit.class_index(torch.from_numpy(dataset.train_y), n, cfg.finetune.train_per_class, gen)
+    eval_order, eval_start, eval_count = fit.class_index(torch.from_numpy(dataset.test_y), n, cfg.finetune.eval_per_class, gen)
+    if features is None:
+        net = generic.build_net(cfg, dataset.image, n)
+        net.load_state_dict(state, strict=True)
+        eval_features = generic.extract_features(net, dataset.test_x, desc="generic features")
+        train, evals = torch.from_numpy(dataset.train_x), torch.from_numpy(dataset.test_x)
+    else:
+        train, evals, eval_features = features["train"], features["test"], features["test"]
+    return fit.FitData(
+        train, train_order, train_start, train_count, evals, eval_order, eval_start, eval_count,
+        torch.tensor(dataset.image.mean), torch.tensor(dataset.image.std), eval_features,
+    )  # fmt: skip
+
+
+@dataclass
+class ShardContext:
+    """What every shard of a build needs, loaded once."""
+
+    cfg: ZooConfig
+    zoo: Path
+    net: object  # fit.StackedCNN5k or fit.StackedLinear
+    generic: dict[str, torch.Tensor]  # generic model state dict
+    data: fit.FitData
+    layout: ParamLayout
+    names: list[str]  # class names
+    variants: torch.Tensor  # (num_classes, V, E) text embeddings
+    prompts: list[list[str]]  # variant strings per class
+
+
+def build_shard(ctx: ShardContext, shard, pool: ThreadPoolExecutor, bar) -> None:
+    """Fine-tune the shard's tasks in groups (in parallel threads), then write the shard atomically."""
+    fc, names, prompts = ctx.cfg.finetune, ctx.names, ctx.prompts
+    tasks = list(shard.tasks)
+    groups = [tasks[lo : lo + fc.group_size] for lo in range(0, len(tasks), fc.group_size)]
+    seed = shard.seed(fc.seed)
+
+    def run(j):
+        gen = torch.Generator().manual_seed(seed + j)  # one generator per group: results never depend on scheduling
+        res = fit.fit_group(ctx.net, ctx.generic, [list(t.classes) for t in groups[j]], ctx.data, fc, gen)
+        bar.update(len(groups[j]))
+        return res
+
+    results = list(pool.map(run, range(len(groups))))
+    samples = []
+    for group, res in zip(groups, results):
+        for i, task in enumerate(group):
+            flat = ctx.layout.flatten(res.state_dicts[i])
+            ids = list(task.classes)
+            metrics = {"task_id": task.task_id, "split": task.split, "k": len(ids),
+                       "oracle_acc": round(res.oracle_acc[i], 5), "selection_acc": round(res.selection_acc[i], 5),
+                       "steps": fc.steps, "final_loss": round(res.final_loss[i], 5)}  # fmt: skip
+            samples.append((task.task_id, encode_sample(task, flat, [names[c] for c in ids], ctx.variants[ids],
+                                                        [prompts[c] for c in ids], metrics)))  # fmt: skip
+    write_shard(ctx.zoo / shard.name, samples)
+
+
+def finalize(zoo: Path, plan_json: dict, shards) -> dict | None:
+    """Write manifest.json if every shard exists; returns it (None while shards are missing)."""
+    missing = [s.name for s in shards if not (zoo / s.name).is_file()]
+    if missing:
+        log.info("%d shard(s) still missing (e.g. %s); another rank will finalize", len(missing), missing[0])
+        return None
+    gm = read_json(zoo / generic.GENERIC_METRICS)
+    man = build_manifest(zoo, plan_json, shards, gm)
+    write_json(zoo / MANIFEST, man)
+    log.info("zoo finished: %s", man["metrics"])
+    return man
+
+
+def build(cfg: ZooConfig, rank: int = 0, world_size: int = 1) -> dict | None:
+    """Build (or resume) the zoo of `cfg`; returns the manifest when this call completed the zoo."""
+    from tina.datasets import load_dataset
+    from tina.prompts import class_variants
+
+    if not 0 <= rank < world_size:
+        raise TinaError(f"rank must be in [0, world_size), got rank={rank} world_size={world_size}")
+    zoo = Path(cfg.out)
+    zoo.mkdir(parents=True, exist_ok=True)
+    plan_path = zoo / PLAN
+    if plan_path.is_file() and read_json(plan_path).get("identity_hash") != identity_hash(cfg):
+        raise TinaError(f"{zoo} holds a zoo built with another config; choose another out= or delete the folder")
+    threads, workers = cfg.runtime.resolved_threads(), cfg.runtime.resolved_workers()
+    torch.set_num_threads(threads)
+    fit.tune_malloc()
+    t0 = time.perf_counter()
+
+    dataset = load_dataset(cfg.dataset.name, cfg.dataset.root)
+    if rank == 0:
+        remove_stale_tmp(zoo)
+        save_config(cfg, zoo / "config.yaml")
+        plan_json = read_json(plan_path) if plan_path.is_file() else prepare(cfg, zoo, dataset)
+    else:
+        plan_json = _wait_for_plan(plan_path, cfg)
+    plan = TaskPlan.from_dict(plan_json)
+    shards = plan_shards(plan, cfg.shard_size)
+    if (zoo / MANIFEST).is_file():
+        log.info("%s is already complete", zoo)
+        return read_json(zoo / MANIFEST)
+
+    state, _ = generic.load_generic(zoo, cfg)
+    features = frozen_features(cfg, dataset, state)
+    layout = layout_for(cfg.target, dataset.image, cfg.token_size)
+    data = make_fit_data(cfg, dataset, state, features)
+    ctx = ShardContext(cfg, zoo, _fit_net(cfg, dataset.image, layout.feature_dim), state, data, layout,
+                       list(dataset.classes), load_vocab(zoo)["variants"], [class_variants(c) for c in dataset.classes])
+
+    mine = [s for s in shards if s.index % world_size == rank]
+    todo = [s for s in mine if not (zoo / s.name).is_file()]
+    total, done = sum(len(s.tasks) for s in mine), sum(len(s.tasks) for s in mine if s not in todo)
+    log.info("rank %d/%d: %d of %d shard(s) to build (%d models), %d worker(s) x %d thread(s)",
+             rank, world_size, len(todo), len(mine), total - done, workers, max(1, threads // workers))  # fmt: skip
+    torch.set_num_threads(max(1, threads // workers))  # parallel groups, each single-threaded by default
+    bar = tqdm(total=total, initial=done, desc=f"zoo {zoo.name}", unit="model", smoothing=0.05)
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for shard in todo:
+                build_shard(ctx, shard, pool, bar)
+    finally:
+        bar.close()
+        torch.set_num_threads(threads)
+    log.info("rank %d finished its shards in %.0f s", rank, time.perf_counter() - t0)
+    return finalize(zoo, plan_json, shards)
+
+
+def _wait_for_plan(plan_path: Path, cfg: ZooConfig) -> dict:
+    t0 = time.monotonic()
+    while not plan_path.is_file():
+        if time.monotonic() - t0 > WAIT_SECONDS:
+            raise TinaError(f"gave up waiting for rank 0 to write {plan_path}")
+        time.sleep(5)
+    plan_json = read_json(plan_path)
+    if plan_json.get("identity_hash") != identity_hash(cfg):
+        raise TinaError(f"{plan_path} was written for another config than this rank's")
+    return plan_json
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: `build CONFIG [key=value ...] [--rank R --world-size W]`. TinaError -> message, exit 2."""
+    ap = argparse.ArgumentParser(prog="python -m zoo_builder", description="Build a zoo of personalized models.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="build or resume a zoo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    b.add_argument("config", help="a YAML file, e.g. configs/zoo/fashion_mnist.yaml")
+    b.add_argument("overrides", nargs="*", help="key=value overrides, e.g. tasks.train=100 out=zoos/small")
+    b.add_argument("--rank", type=int, default=int(os.environ.get("RANK", 0)))
+    b.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", 1)))
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        cfg = load_config(ZooConfig, args.config, args.overrides)
+        t0 = time.perf_counter()
+        man = build(cfg, rank=args.rank, world_size=args.world_size)
+        if man is not None:
+            m = man["metrics"]
+            print(f"zoo {cfg.out}: {man['counts']['models']} models in {time.perf_counter() - t0:.0f} s; "
+                  + "; ".join(f"{s}: oracle {v['oracle_acc']:.4f} selection {v['selection_acc']:.4f}" for s, v in m.items()))  # fmt: skip
+    except TinaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

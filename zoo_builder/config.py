@@ -1,0 +1,126 @@
+"""Typed zoo-build configs: `configs/zoo/*.yaml` merged onto these dataclasses by tina.config.load_config.
+
+The sections follow the data flow: dataset -> tasks -> generic model -> fine-tuning -> shards.
+Everything except `out` and `runtime` is part of the zoo's identity: a killed build may only be resumed with
+the same values (checked against ZOO/plan.json), while `runtime` (threads, workers) may change.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+from tina.config import config_hash, to_dict
+
+
+@dataclass
+class DatasetConfig:
+    """Which images the models are trained on."""
+
+    name: str = "fashion-mnist"  # a tina.datasets name
+    root: Optional[str] = None  # override where its files are (else the dataset's default / env var)
+
+
+@dataclass
+class TasksConfig:
+    """How tasks (ordered lists of distinct class ids) are sampled; see zoo_builder/tasks.py."""
+
+    train: int = 1800  # tasks the generator trains on
+    unseen_combo: int = 200  # held-out tasks whose class SET never occurs in train
+    unseen_class: int = 0  # held-out tasks with at least one held-out class
+    held_out_classes: int = 0  # classes that occur in no train / unseen_combo task
+    k_min: int = 2
+    k_max: int = 10
+    max_held_out_fraction: float = 0.5  # at most this share of the class sets of one size may be held out
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.k_min < 2 or self.k_max < self.k_min:
+            raise ValueError(f"tasks need 2 <= k_min <= k_max, got k_min={self.k_min} k_max={self.k_max}")
+        if min(self.train, self.unseen_combo, self.unseen_class, self.held_out_classes) < 0:
+            raise ValueError("task counts and held_out_classes must be >= 0")
+        if self.unseen_class and not self.held_out_classes:
+            raise ValueError("unseen_class tasks need held_out_classes > 0")
+        if not 0.0 < self.max_held_out_fraction < 1.0:
+            raise ValueError("max_held_out_fraction must be in (0, 1)")
+
+
+@dataclass
+class GenericConfig:
+    """The generic model: one target net trained on all classes (the init of every personalized model)."""
+
+    epochs: int = 3
+    images_per_class: int = 0  # training images per class (0 = all); small values make quick test zoos
+    batch_size: int = 128
+    lr: float = 2e-3  # Adam peak learning rate (cosine decay to 0 over all steps)
+    seed: int = 0
+    pretrained: bool = False  # timm targets: load pretrained backbone weights (must be available offline)
+    checkpoint: Optional[str] = None  # timm targets: a local backbone checkpoint file
+
+
+@dataclass
+class FinetuneConfig:
+    """Personalized models: fine-tuned from classifier selection, many at once (zoo_builder/fit.py)."""
+
+    steps: int = 100
+    batch_size: int = 32  # per model and step, class-balanced over the task's classes
+    lr: float = 2e-3  # Adam peak learning rate (linear warmup, cosine decay to 0)
+    warmup_steps: int = 10
+    group_size: int = 25  # models trained together in one batched computation
+    train_per_class: int = 0  # training images per class a task may use (0 = all)
+    eval_per_class: int = 300  # fixed test images per class for oracle / selection accuracy
+    eval_chunk: int = 256  # evaluation images per model per forward pass
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.steps < 0 or self.batch_size < 1 or self.group_size < 1 or self.eval_per_class < 1:
+            raise ValueError("finetune: steps >= 0, batch_size, group_size and eval_per_class >= 1")
+
+
+@dataclass
+class RuntimeConfig:
+    """How the build uses this machine; not part of the zoo's identity."""
+
+    workers: int = 0  # groups fitted in parallel threads (0 = one per CPU core)
+    threads: int = 0  # torch threads (0 = os.cpu_count())
+
+    def resolved_threads(self) -> int:
+        return self.threads or os.cpu_count() or 1
+
+    def resolved_workers(self) -> int:
+        return self.workers or os.cpu_count() or 1
+
+
+@dataclass
+class ZooConfig:
+    """A zoo build: `python -m zoo_builder build CONFIG key=value ...`."""
+
+    out: str = "zoos/fashion_mnist"  # the zoo folder
+    target: str = "cnn-5k"  # a tina.targets name
+    token_size: int = 128  # C of the ParamLayout written into the manifest
+    text_encoder: str = "minilm"  # a tina.text encoder name
+    shard_size: int = 250  # models per webdataset shard
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    tasks: TasksConfig = field(default_factory=TasksConfig)
+    generic: GenericConfig = field(default_factory=GenericConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def __post_init__(self):
+        if self.shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
+        if self.token_size < 1:
+            raise ValueError(f"token_size must be >= 1, got {self.token_size}")
+
+
+def identity(cfg: ZooConfig) -> dict:
+    """The values that determine the zoo's content (everything but where it goes and `runtime`)."""
+    d = to_dict(cfg)
+    d.pop("runtime")
+    d.pop("out")
+    return d
+
+
+def identity_hash(cfg: ZooConfig) -> str:
+    return config_hash(identity(cfg))

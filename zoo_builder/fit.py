@@ -1,0 +1,415 @@
+"""Batched fine-tuning: many personalized models trained together as one computation.
+
+A group of G models is one set of *stacked* parameter tensors with the model dimension first.
+Every step each model draws its own class-balanced minibatch from its own classes, and one
+forward/backward pass over (G, B, ...) tensors updates all of them; Adam is elementwise, so the
+models stay independent (a model's update never depends on another's gradient).
+
+cnn-5k on a CPU: the convolutions are im2col + `torch.bmm` with the model dimension as the bmm
+batch, in channels-last layout, with a hand-written backward. Why not autograd or grouped conv:
+these layers are tiny (8-24 channels), so time goes to memory traffic and per-op overhead rather
+than arithmetic; the hand-written backward skips autograd's bookkeeping and its zero-filled slice
+gradients, and two tricks cut traffic further:
+  * conv1 + max-pool are fused: each pooled pixel's 4x4 input window is multiplied by a block
+    weight (16C, 4 positions x 8 channels), so the first matmul is (rows, 16C) @ (16C, 32) instead
+    of a badly shaped (rows, 9C) @ (9C, 8), and pooling becomes a max over the 4 positions;
+  * ReLU is applied after pooling (max and ReLU commute), on a quarter of the values.
+`<timm>+linear` targets: the backbone is frozen, so features are computed once and only stacked
+linear heads train here.
+
+Heads of a group are padded to the group's largest k; padded logits are -inf, so padded rows
+get exactly zero gradient and stay zero.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from tina.errors import TinaError
+from tina.targets import CNN5kBody
+
+log = logging.getLogger(__name__)
+aten = torch.ops.aten
+
+
+def tune_malloc() -> None:
+    """Keep freed large blocks in glibc's heap instead of returning them to the OS.
+
+    Every training step allocates the same few MB-sized temporaries; by default glibc serves each
+    with a fresh mmap and the kernel zero-fills its pages again (about 10% of a step's time).
+    Process-wide and harmless; a no-op where glibc is absent.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 * 1024 * 1024)  # M_MMAP_THRESHOLD: the largest value glibc accepts
+        libc.mallopt(-1, 1024 * 1024 * 1024)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+# ---- stacked cnn-5k ------------------------------------------------------------------------------
+
+_POSITIONS = ((0, 0), (0, 1), (1, 0), (1, 1))  # the 2x2 pool window, in max_pool2d's scan order
+
+
+def _patches4(x: torch.Tensor) -> torch.Tensor:
+    """x (N, H, W, C) -> (N, H/2, W/2, 16C): the 4x4 input window (zero padding 1) of each pooled pixel."""
+    N, H, W, C = x.shape
+    xp = F.pad(x, (0, 0, 1, 1, 1, 1))
+    s = xp.stride()
+    win = xp.as_strided((N, H // 2, W // 2, 4, 4 * C), (s[0], 2 * s[1], 2 * s[2], s[1], 1))
+    return win.reshape(N, H // 2, W // 2, 16 * C)
+
+
+def _im2col3(x: torch.Tensor) -> torch.Tensor:
+    """x (N, H, W, C) -> (N, H, W, 9C): 3x3 windows with zero padding, (dy, dx, c) order."""
+    N, H, W, C = x.shape
+    xp = F.pad(x, (0, 0, 1, 1, 1, 1))
+    s = xp.stride()
+    # For a fixed dy the three dx taps are 3C consecutive numbers in memory: copy them as one run.
+    return xp.as_strided((N, H, W, 3, 3 * C), (s[0], s[1], s[2], s[1], 1)).reshape(N, H, W, 9 * C)
+
+
+def _col2im3(dcols: torch.Tensor, C: int) -> torch.Tensor:
+    """Adjoint of _im2col3: (N, H, W, 9C) -> (N, H, W, C). Sums over dx first, then dy (6 adds, not 9)."""
+    N, H, W, _ = dcols.shape
+    d = dcols.view(N, H, W, 3, 3, C)
+    rows = dcols.new_zeros(N, H, W + 2, 3, C)  # per dy, summed over dx
+    for dx in range(3):
+        rows[:, :, dx : dx + W] += d[:, :, :, :, dx, :]
+    out = dcols.new_zeros(N, H + 2, W, C)
+    for dy in range(3):
+        out[:, dy : dy + H] += rows[:, :, 1 : W + 1, dy, :]
+    return out[:, 1 : H + 1]
+
+
+def _head_loss(f: torch.Tensor, wh: torch.Tensor, bh: torch.Tensor, y: torch.Tensor, kmask: torch.Tensor):
+    """Masked linear head + mean cross-entropy per model. f (G, B, D) -> loss (G,), dlogits (G, B, K)."""
+    B = f.shape[1]
+    logits = torch.baddbmm(bh[:, None, :], f, wh).masked_fill_(~kmask[:, None, :], float("-inf"))  # (G, B, K)
+    logp = torch.log_softmax(logits, -1)
+    loss = -logp.gather(2, y[..., None]).squeeze(2).mean(1)  # (G,)
+    dl = logp.exp_()  # softmax; exactly 0 on padded classes
+    dl.scatter_add_(2, y[..., None], torch.full_like(dl[..., :1], -1.0))
+    return loss, dl.div_(B)
+
+
+class StackedCNN5k:
+    """G cnn-5k models as stacked tensors (channels-last kernel layout) with forward and backward.
+
+    Parameters (a dict): w1 (G, 3, 3, C, c1), b1 (G, c1), w2 (G, 9*c1, c2), b2, w3 (G, 9*c2, c3), b3,
+    wh (G, D, K) = head.weight transposed, bh (G, K). Inputs are normalised images (G, B, H, W, C).
+    """
+
+    kind = "images"
+
+    def __init__(self, in_channels: int, size: int):
+        if size % 4:
+            raise TinaError(f"cnn-5k batched training needs an image size divisible by 4, got {size}")
+        self.C, self.size = in_channels, size
+        self.c1, self.c2, self.c3 = CNN5kBody.widths
+
+    # -- conversion to and from TargetNet state dicts --
+
+    def pack(self, state_dicts: list[dict[str, torch.Tensor]], k_max: int) -> dict[str, torch.Tensor]:
+        """Stack TargetNet state dicts (any k <= k_max); heads are zero-padded to k_max."""
+
+        def conv(name):  # (O, C, 3, 3) -> (3, 3, C, O)
+            return torch.stack([sd[f"body.{name}.weight"].permute(2, 3, 1, 0) for sd in state_dicts]).float()
+
+        def bias(name):
+            return torch.stack([sd[f"body.{name}.bias"] for sd in state_dicts]).float()
+
+        G, D = len(state_dicts), self.c3
+        p = {"w1": conv("conv1").contiguous(), "b1": bias("conv1"),
+             "w2": conv("conv2").reshape(G, 9 * self.c1, self.c2).contiguous(), "b2": bias("conv2"),
+             "w3": conv("conv3").reshape(G, 9 * self.c2, self.c3).contiguous(), "b3": bias("conv3"),
+             "wh": torch.zeros(G, D, k_max), "bh": torch.zeros(G, k_max)}  # fmt: skip
+        for i, sd in enumerate(state_dicts):
+            k = sd["head.weight"].shape[0]
+            p["wh"][i, :, :k] = sd["head.weight"].T
+            p["bh"][i, :k] = sd["head.bias"]
+        return p
+
+    def state_dict(self, p: dict[str, torch.Tensor], i: int, k: int) -> dict[str, torch.Tensor]:
+        """Model i of the group as a TargetNet state dict with k classes."""
+        C, c1, c2, c3 = self.C, self.c1, self.c2, self.c3
+
+        def conv(w, cin, cout):  # (3, 3, cin, cout) -> (cout, cin, 3, 3)
+            return w.reshape(3, 3, cin, cout).permute(3, 2, 0, 1).contiguous()
+
+        return {
+            "body.conv1.weight": conv(p["w1"][i], C, c1), "body.conv1.bias": p["b1"][i].clone(),
+            "body.conv2.weight": conv(p["w2"][i], c1, c2), "body.conv2.bias": p["b2"][i].clone(),
+            "body.conv3.weight": conv(p["w3"][i], c2, c3), "body.conv3.bias": p["b3"][i].clone(),
+            "head.weight": p["wh"][i, :, :k].T.contiguous(), "head.bias": p["bh"][i, :k].clone(),
+        }  # fmt: skip
+
+    # -- computation --
+
+    def _block_weight(self, w1: torch.Tensor) -> torch.Tensor:
+        """w1 (G, 3, 3, C, c1) -> (G, 16C, 4*c1): a 4x4 window to the 2x2 conv outputs it pools over."""
+        G, C, c1 = w1.shape[0], self.C, self.c1
+        wb = w1.new_zeros(G, 4, 4, C, 4, c1)
+        for j, (py, px) in enumerate(_POSITIONS):
+            wb[:, py : py + 3, px : px + 3, :, j, :] = w1
+        return wb.view(G, 16 * C, 4 * c1)
+
+    def _forward(self, p, x, keep: bool):
+        G, B, H, W, C = x.shape
+        c1, c2, c3 = self.c1, self.c2, self.c3
+        H1, W1, H2, W2 = H // 2, W // 2, H // 4, W // 4
+        s = {}
+        # conv1 + pool: Z1 holds the 4 conv outputs of each pooled pixel; pool = max over them.
+        P1 = _patches4(x.view(G * B, H, W, C)).view(G, B * H1 * W1, 16 * C)
+        Z1 = torch.bmm(P1, self._block_weight(p["w1"]))  # (G, R1, 4*c1)
+        Z1v = Z1.view(-1, 4, 1, c1).permute(0, 3, 1, 2)  # (G*R1, c1, 4, 1), channels-last
+        M1, I1 = aten.max_pool2d_with_indices(Z1v, [4, 1], [4, 1])
+        A1 = torch.relu_(M1.view(G, B * H1 * W1, c1) + p["b1"][:, None, :])  # (G, R1, c1)
+        # conv2 + pool
+        cols2 = _im2col3(A1.view(G * B, H1, W1, c1)).view(G, B * H1 * W1, 9 * c1)
+        Z2 = torch.baddbmm(p["b2"][:, None, :], cols2, p["w2"])  # (G, R1, c2)
+        Z2n = Z2.view(G * B, H1, W1, c2).permute(0, 3, 1, 2)  # NCHW view of channels-last memory
+        M2, I2 = aten.max_pool2d_with_indices(Z2n, [2, 2], [2, 2])
+        A2 = torch.relu_(M2.permute(0, 2, 3, 1))  # (GB, H2, W2, c2)
+        # conv3 + global average pool
+        cols3 = _im2col3(A2).view(G, B * H2 * W2, 9 * c2)
+        A3 = torch.relu_(torch.baddbmm(p["b3"][:, None, :], cols3, p["w3"]))  # (G, R2, c3)
+        f = A3.view(G, B, H2 * W2, c3).mean(2)  # (G, B, D)
+        if keep:
+            s.update(P1=P1, Z1v=Z1v, I1=I1, A1=A1, cols2=cols2, Z2n=Z2n, I2=I2, A2=A2, cols3=cols3, A3=A3)
+        return f, s
+
+    def logits(self, p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """x (G, B, H, W, C) normalised -> logits (G, B, K) (padded classes not masked)."""
+        f, _ = self._forward(p, x, keep=False)
+        return torch.baddbmm(p["bh"][:, None, :], f, p["wh"])
+
+    def loss_and_grads(self, p, x, y, kmask):
+        """Mean cross-entropy per model (G,) and the gradient of its sum w.r.t. every stacked tensor."""
+        G, B, H, W, C = x.shape
+        c1, c2, c3 = self.c1, self.c2, self.c3
+        H1, W1, H2, W2 = H // 2, W // 2, H // 4, W // 4
+        f, s = self._forward(p, x, keep=True)
+        loss, dl = _head_loss(f, p["wh"], p["bh"], y, kmask)
+        g = {"wh": torch.bmm(f.transpose(1, 2), dl), "bh": dl.sum(1)}
+        df = torch.bmm(dl, p["wh"].transpose(1, 2)).div_(H2 * W2)  # (G, B, D), through the mean
+        dZ3 = (s["A3"].view(G, B, H2 * W2, c3) > 0) * df[:, :, None, :]
+        dZ3 = dZ3.view(G, B * H2 * W2, c3)
+        g["w3"], g["b3"] = torch.bmm(s["cols3"].transpose(1, 2), dZ3), dZ3.sum(1)
+        dA2 = _col2im3(torch.bmm(dZ3, p["w3"].transpose(1, 2)).view(G * B, H2, W2, 9 * c2), c2)
+        dM2 = (dA2 * (s["A2"] > 0)).permute(0, 3, 1, 2)
+        dZ2 = aten.max_pool2d_with_indices_backward(dM2, s["Z2n"], [2, 2], [2, 2], [0, 0], [1, 1], False, s["I2"])
+        dZ2 = dZ2.permute(0, 2, 3, 1).reshape(G, B * H1 * W1, c2)
+        g["w2"], g["b2"] = torch.bmm(s["cols2"].transpose(1, 2), dZ2), dZ2.sum(1)
+        dA1 = _col2im3(torch.bmm(dZ2, p["w2"].transpose(1, 2)).view(G * B, H1, W1, 9 * c1), c1)
+        dM1 = dA1.reshape(G, B * H1 * W1, c1) * (s["A1"] > 0)
+        g["b1"] = dM1.sum(1)
+        dZ1 = aten.max_pool2d_with_indices_backward(
+            dM1.view(-1, 1, 1, c1).permute(0, 3, 1, 2), s["Z1v"], [4, 1], [4, 1], [0, 0], [1, 1], False, s["I1"]
+        )  # (G*R1, c1, 4, 1): the gradient goes to the max position only
+        dwb = torch.bmm(s["P1"].transpose(1, 2), dZ1.permute(0, 2, 3, 1).reshape(G, B * H1 * W1, 4 * c1))
+        dwb = dwb.view(G, 4, 4, self.C, 4, c1)
+        g["w1"] = sum(dwb[:, py : py + 3, px : px + 3, :, j, :] for j, (py, px) in enumerate(_POSITIONS))
+        return loss, g
+
+
+class StackedLinear:
+    """G linear heads over precomputed (frozen) features: wh (G, D, K), bh (G, K); inputs (G, B, D)."""
+
+    kind = "features"
+
+    def __init__(self, feature_dim: int):
+        self.D = feature_dim
+
+    def pack(self, state_dicts: list[dict[str, torch.Tensor]], k_max: int) -> dict[str, torch.Tensor]:
+        G = len(state_dicts)
+        p = {"wh": torch.zeros(G, self.D, k_max), "bh": torch.zeros(G, k_max)}
+        for i, sd in enumerate(state_dicts):
+            k = sd["head.weight"].shape[0]
+            p["wh"][i, :, :k] = sd["head.weight"].T
+            p["bh"][i, :k] = sd["head.bias"]
+        return p
+
+    def state_dict(self, p, i: int, k: int) -> dict[str, torch.Tensor]:
+        return {"head.weight": p["wh"][i, :, :k].T.contiguous(), "head.bias": p["bh"][i, :k].clone()}
+
+    def logits(self, p, x):
+        return torch.baddbmm(p["bh"][:, None, :], x, p["wh"])
+
+    def loss_and_grads(self, p, x, y, kmask):
+        loss, dl = _head_loss(x, p["wh"], p["bh"], y, kmask)
+        return loss, {"wh": torch.bmm(x.transpose(1, 2), dl), "bh": dl.sum(1)}
+
+
+class StackedTrainer:
+    """Stacked parameters + one Adam over them. Adam is elementwise, so this equals G separate Adams."""
+
+    def __init__(self, net, params: dict[str, torch.Tensor], kmask: torch.Tensor, lr: float):
+        self.net, self.params, self.kmask = net, params, kmask
+        self.opt = torch.optim.Adam(list(params.values()), lr=lr, foreach=True)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss, grads = self.net.loss_and_grads(self.params, x, y, self.kmask)
+        for name, t in self.params.items():
+            t.grad = grads[name]
+        self.opt.step()
+        return loss
+
+
+# ---- data: what each model trains and is evaluated on -------------------------------------------
+
+
+@dataclass
+class FitData:
+    """Inputs shared by every group: training pool, evaluation subset, and how to make a batch.
+
+    `train` and `eval` hold either uint8 images (N, H, W, C) (cnn-5k) or float features (N, D)
+    (+linear). Class c's training examples are train_order[train_start[c] : train_start[c] + train_count[c]];
+    likewise for evaluation.
+    """
+
+    train: torch.Tensor
+    train_order: torch.Tensor  # (N_used,) int64 indices into `train`, grouped by class
+    train_start: torch.Tensor  # (num_classes,) int64
+    train_count: torch.Tensor  # (num_classes,) int64
+    eval: torch.Tensor
+    eval_order: torch.Tensor
+    eval_start: torch.Tensor
+    eval_count: torch.Tensor
+    mean: torch.Tensor  # (C,) image normalisation, [0, 1] units (unused for features)
+    std: torch.Tensor
+    eval_features: torch.Tensor  # (N_eval, D) generic-model features of `eval`: selection accuracy needs no forward pass
+
+    def inputs(self, source: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Rows idx (G, B) of `source` as network inputs: normalised float (G, B, H, W, C) or features (G, B, D)."""
+        x = source[idx]
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255.0).sub_(self.mean).div_(self.std)
+        return x
+
+
+def class_index(labels: torch.Tensor, num_classes: int, per_class: int, gen: torch.Generator):
+    """Examples grouped by class: (order, start, count); at most `per_class` each (0 = all), chosen at random."""
+    order, count = [], []
+    for c in range(num_classes):
+        idx = torch.nonzero(labels == c).flatten()
+        if per_class and len(idx) > per_class:
+            idx = idx[torch.randperm(len(idx), generator=gen)[:per_class]].sort().values
+        order.append(idx)
+        count.append(len(idx))
+    count = torch.tensor(count, dtype=torch.long)
+    start = torch.cumsum(count, 0) - count
+    return torch.cat(order), start, count
+
+
+def class_tables(tasks: list[list[int]], k_max: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(G, k_max) class ids (padded with each task's first class), k (G,), and the (G, k_max) class mask."""
+    ids = torch.tensor([t + [t[0]] * (k_max - len(t)) for t in tasks], dtype=torch.long)
+    ks = torch.tensor([len(t) for t in tasks], dtype=torch.long)
+    kmask = torch.arange(k_max)[None, :] < ks[:, None]
+    return ids, ks, kmask
+
+
+def sample_batch(data: FitData, ids: torch.Tensor, ks: torch.Tensor, batch: int, gen: torch.Generator):
+    """Class-balanced minibatch per model: (G, B) training indices and labels (class positions 0..k-1)."""
+    G = ids.shape[0]
+    pos = (torch.rand(G, batch, generator=gen) * ks[:, None]).long()  # (G, B)
+    cls = ids.gather(1, pos)
+    j = (torch.rand(G, batch, generator=gen) * data.train_count[cls]).long()
+    return data.train_order[data.train_start[cls] + j], pos
+
+
+def evaluate(net, p: dict[str, torch.Tensor], source: torch.Tensor, data: FitData, ids: torch.Tensor, ks: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Accuracy (G,) of each model on the evaluation examples of its own classes (argmax over its k).
+
+    `source`: data.eval (images for the net) or data.eval_features (for a StackedLinear head)."""
+    G, k_max = ids.shape
+    # Each model's evaluation list: its classes' examples back to back, labelled by position.
+    n = (data.eval_count[ids] * (torch.arange(k_max)[None, :] < ks[:, None])).sum(1)  # (G,)
+    L = int(n.max())
+    correct = torch.zeros(G)
+    kmask = torch.arange(k_max)[None, :] < ks[:, None]
+    ends = torch.cumsum(data.eval_count[ids] * kmask, 1)  # (G, k) running totals
+    for lo in range(0, L, chunk):
+        r = torch.arange(lo, min(lo + chunk, L))[None, :].expand(G, -1)  # (G, b) slot numbers
+        pos = torch.searchsorted(ends, r.contiguous(), right=True).clamp_max(k_max - 1)  # class position of each slot
+        valid = r < n[:, None]
+        cls = ids.gather(1, pos)
+        offset = r - (ends.gather(1, pos) - data.eval_count[cls])
+        idx = data.eval_order[data.eval_start[cls] + offset.clamp(min=0).minimum(data.eval_count[cls] - 1)]
+        with torch.no_grad():
+            logits = net.logits(p, data.inputs(source, idx)).masked_fill_(~kmask[:, None, :], float("-inf"))
+        correct += ((logits.argmax(-1) == pos) & valid).sum(1).float()
+    return correct / n.clamp_min(1)
+
+
+def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
+    """Linear warmup, then cosine decay to zero. Fresh Adam moments make the first updates
+    ~lr * sign(grad) for every weight: warming up keeps them from knocking a trained init off course."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+@dataclass
+class GroupResult:
+    """What one group of fine-tuned models produced, in task order."""
+
+    state_dicts: list[dict[str, torch.Tensor]]
+    oracle_acc: list[float]  # after fine-tuning
+    selection_acc: list[float]  # generic model restricted to the task's classes, before fine-tuning
+    final_loss: list[float]
+
+
+def fit_group(net, generic: dict[str, torch.Tensor], tasks: list[list[int]], data: FitData, cfg, gen: torch.Generator) -> GroupResult:
+    """Initialise each task's model from the generic one (classifier selection), fine-tune all of
+    them together for cfg.steps steps, and evaluate before and after. `cfg`: FinetuneConfig."""
+    k_max = max(len(t) for t in tasks)
+    ids, ks, kmask = class_tables(tasks, k_max)
+    init = []
+    for t in tasks:  # classifier selection: generic body, the generic head rows of the task's classes
+        sd = {n: v for n, v in generic.items() if n in ("head.weight", "head.bias") or n.startswith("body.")}
+        sd["head.weight"], sd["head.bias"] = generic["head.weight"][t], generic["head.bias"][t]
+        init.append(sd)
+    params = net.pack(init, k_max)
+    # Selection accuracy = the generic model restricted to the task's classes: generic features
+    # (computed once for the whole evaluation set) through the selected head rows.
+    head = StackedLinear(data.eval_features.shape[1])
+    selection = evaluate(head, head.pack(init, k_max), data.eval_features, data, ids, ks, cfg.eval_chunk)
+    trainer = StackedTrainer(net, params, kmask, cfg.lr)
+    loss = torch.zeros(len(tasks))
+    for step in range(cfg.steps):
+        trainer.opt.param_groups[0]["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup_steps)
+        idx, y = sample_batch(data, ids, ks, cfg.batch_size, gen)
+        loss = trainer.step(data.inputs(data.train, idx), y)
+    oracle = evaluate(net, params, data.eval, data, ids, ks, cfg.eval_chunk)
+    sds = [net.state_dict(params, i, len(t)) for i, t in enumerate(tasks)]
+    return GroupResult(sds, oracle.tolist(), selection.tolist(), loss.tolist())
+
+
+def flops_per_example(target: str, image_channels: int, size: int, k: int, feature_dim: int = 0) -> float:
+    """Nominal FLOPs of one forward pass of one example (multiply-add = 2), for throughput reports."""
+    if target != "cnn-5k":
+        return 2.0 * feature_dim * k
+    c1, c2, c3 = CNN5kBody.widths
+    hw = size * size
+    macs = hw * c1 * 9 * image_channels + hw / 4 * c2 * 9 * c1 + hw / 16 * c3 * 9 * c2 + c3 * k
+    return 2.0 * macs
+
+
+def training_flops(target: str, image_channels: int, size: int, k: int, feature_dim: int = 0) -> float:
+    """Nominal FLOPs of one training example: forward + backward ~ 3x forward."""
+    return 3.0 * flops_per_example(target, image_channels, size, k, feature_dim)
+
+
+__all__ = [
+    "StackedCNN5k", "StackedLinear", "StackedTrainer", "FitData", "GroupResult", "class_index",
+    "class_tables", "sample_batch", "evaluate", "fit_group", "tune_malloc", "training_flops",
+]  # fmt: skip

@@ -1,0 +1,154 @@
+"""The generic model: one target net trained on every class, the starting point of each personalized model.
+
+Saved as ZOO/generic.safetensors (a TargetNet state dict, strict-loadable; for timm targets it
+includes the frozen backbone) and ZOO/generic.json (test accuracy and the hash of the settings it
+was trained with). A resumed build reuses it when that hash matches.
+
+cnn-5k trains end to end with plain batched minibatch training. `<timm>+linear` keeps its backbone
+frozen: features are computed once (also reused by the fine-tuning) and only the head trains.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from tina.config import config_hash
+from tina.targets import TargetNet, get_target
+
+log = logging.getLogger(__name__)
+
+GENERIC_WEIGHTS, GENERIC_METRICS = "generic.safetensors", "generic.json"
+
+
+def generic_identity(cfg) -> str:
+    """Hash of what the generic model depends on (`cfg`: ZooConfig)."""
+    return config_hash({"dataset": vars(cfg.dataset), "target": cfg.target, "generic": vars(cfg.generic)})
+
+
+def build_net(cfg, image, num_classes: int) -> TargetNet:
+    spec = get_target(cfg.target)
+    return spec.build(num_classes, image, pretrained=cfg.generic.pretrained, checkpoint=cfg.generic.checkpoint)
+
+
+@torch.no_grad()
+def extract_features(net: TargetNet, images, batch_size: int = 256, desc: str = "features") -> torch.Tensor:
+    """uint8 (N, H, W, C) numpy images -> body features (N, D) of a TargetNet in eval mode."""
+    net.eval()
+    out = []
+    for lo in tqdm(range(0, len(images), batch_size), desc=desc, leave=False, disable=len(images) <= batch_size):
+        x = torch.from_numpy(images[lo : lo + batch_size]).permute(0, 3, 1, 2).float().div_(255.0)
+        out.append(net.features(x.contiguous(memory_format=torch.channels_last)))
+    return torch.cat(out) if out else torch.zeros(0, net.head.in_features)
+
+
+def _train_cnn(net: TargetNet, dataset, gcfg, gen: torch.Generator) -> None:
+    """Plain minibatch Adam on all training images (channels-last: faster convolutions on CPU)."""
+    net.train()
+    net.to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(net.parameters(), lr=gcfg.lr)
+    pool = _training_pool(torch.from_numpy(dataset.train_y), gcfg.images_per_class, gen)
+    n = len(pool)
+    steps = gcfg.epochs * ((n + gcfg.batch_size - 1) // gcfg.batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
+    bar = tqdm(total=steps, desc="generic model", unit="step", leave=False)
+    for _ in range(gcfg.epochs):
+        perm = pool[torch.randperm(n, generator=gen)]
+        for lo in range(0, n, gcfg.batch_size):
+            x, y = dataset.tensors("train", perm[lo : lo + gcfg.batch_size])
+            loss = F.cross_entropy(net(x.contiguous(memory_format=torch.channels_last)), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    bar.close()
+    net.eval()
+
+
+def _training_pool(labels: torch.Tensor, per_class: int, gen: torch.Generator) -> torch.Tensor:
+    """Indices of the training images used: all, or the first `per_class` of each class in a seeded shuffle."""
+    if not per_class:
+        return torch.arange(len(labels))
+    perm = torch.randperm(len(labels), generator=gen)
+    keep = torch.cat([perm[labels[perm] == c][:per_class] for c in labels.unique()])
+    return keep.sort().values
+
+
+def _train_head(net: TargetNet, feats: torch.Tensor, labels: torch.Tensor, gcfg, gen: torch.Generator) -> None:
+    """Only the linear head, on precomputed features of the frozen backbone."""
+    opt = torch.optim.Adam(net.head.parameters(), lr=gcfg.lr)
+    pool = _training_pool(labels, gcfg.images_per_class, gen)
+    for _ in range(gcfg.epochs):
+        perm = pool[torch.randperm(len(pool), generator=gen)]
+        for lo in range(0, len(perm), gcfg.batch_size):
+            idx = perm[lo : lo + gcfg.batch_size]
+            loss = F.cross_entropy(net.head(feats[idx]), labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+
+@torch.no_grad()
+def accuracy(net: TargetNet, dataset, batch_size: int = 512) -> float:
+    net.eval()
+    correct = 0
+    for lo in range(0, len(dataset.test_y), batch_size):
+        x, y = dataset.tensors("test", slice(lo, lo + batch_size))
+        correct += (net(x.contiguous(memory_format=torch.channels_last)).argmax(1) == y).sum().item()
+    return correct / max(1, len(dataset.test_y))
+
+
+def train_generic(cfg, dataset, features: dict[str, torch.Tensor] | None = None) -> tuple[TargetNet, dict]:
+    """Train the generic model of `cfg` (ZooConfig) on `dataset`; returns the net and its metrics.
+
+    For +linear targets `features` must hold the frozen backbone's "train"/"test" features.
+    """
+    gen = torch.Generator().manual_seed(cfg.generic.seed)
+    torch.manual_seed(cfg.generic.seed)  # the net's initialisation
+    net = build_net(cfg, dataset.image, len(dataset.classes))
+    t0 = time.perf_counter()
+    if features is None:
+        _train_cnn(net, dataset, cfg.generic, gen)
+        test_acc = accuracy(net, dataset)
+    else:
+        train_y, test_y = torch.from_numpy(dataset.train_y), torch.from_numpy(dataset.test_y)
+        _train_head(net, features["train"], train_y, cfg.generic, gen)
+        with torch.no_grad():
+            test_acc = (net.head(features["test"]).argmax(1) == test_y).float().mean().item()
+    metrics = {"test_acc": round(test_acc, 5), "seconds": round(time.perf_counter() - t0, 1),
+               "num_classes": len(dataset.classes), "identity": generic_identity(cfg)}  # fmt: skip
+    net.to(memory_format=torch.contiguous_format)
+    log.info("generic model: test accuracy %.4f in %.0f s", test_acc, metrics["seconds"])
+    return net, metrics
+
+
+def save_generic(zoo: Path, net: TargetNet, metrics: dict) -> None:
+    """Weights first, metrics last (atomically): generic.json present means the weights are complete."""
+    tmp = zoo / (GENERIC_WEIGHTS + ".tmp")
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp))
+    os.replace(tmp, zoo / GENERIC_WEIGHTS)
+    tmp = zoo / (GENERIC_METRICS + ".tmp")
+    tmp.write_text(json.dumps(metrics, indent=1))
+    os.replace(tmp, zoo / GENERIC_METRICS)
+
+
+def load_generic(zoo: Path, cfg) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """The saved generic model if it was trained with the same settings, else None."""
+    mpath, wpath = zoo / GENERIC_METRICS, zoo / GENERIC_WEIGHTS
+    if not (mpath.is_file() and wpath.is_file()):
+        return None
+    metrics = json.loads(mpath.read_text())
+    if metrics.get("identity") != generic_identity(cfg):
+        log.warning("ignoring %s: trained with other settings", wpath)
+        return None
+    return load_file(str(wpath)), metrics
