@@ -33,7 +33,9 @@ def load_image(path_or_file, image: ImageSpec) -> torch.Tensor:
             im.thumbnail((image.size, image.size), Image.Resampling.LANCZOS)
             canvas = Image.new(im.mode, (image.size, image.size), 255 if image.channels == 1 else (255, 255, 255))
             canvas.paste(im, ((image.size - im.width) // 2, (image.size - im.height) // 2))
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
+    except Image.DecompressionBombError:
+        raise TinaError(f"{name}: image has too many pixels to decode safely") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise TinaError(f"{name} is not a readable image ({type(e).__name__})") from None
     arr = np.asarray(canvas, dtype=np.float32) / 255.0
     if image.channels == 1:
