@@ -1,0 +1,217 @@
+"""tina eval: the baselines (unit tests on small synthetic pieces) and one end-to-end run on the tiny zoo.
+
+The end-to-end run reuses conftest's session fixtures (the tiny zoo and a generator trained for a few
+steps), so the whole suite builds them once.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tina.errors import TinaError
+from tina.evaluate import (
+    BASELINES, FORMS, ZooPool, flat_accuracies, load_eval_config, main, mean_flat, mismatched_ids, retrieval_flat,
+    retrieve, selection_flat,
+)
+from tina.layout import layout_for
+from tina.targets import get_target
+from tina.testing import FASHION_IMAGE
+
+CONFIGS = Path(__file__).parent.parent / "configs" / "eval"
+
+
+@pytest.fixture(scope="module")
+def layout():
+    return layout_for("cnn-5k", FASHION_IMAGE, 128)
+
+
+def _net_flat(layout, k, seed):
+    torch.manual_seed(seed)
+    return layout.flatten(get_target("cnn-5k").build(k, FASHION_IMAGE).state_dict())
+
+
+def _pool(layout, tasks: list[list[int]], num_classes=10):
+    """A pool whose class embeddings are one-hot (class c ↔ basis vector c), so similarities are exact."""
+    eye = torch.eye(num_classes)
+    models = [{"key": f"task-{i:06d}", "class_ids": ids, "emb": eye[ids][:, None, :],
+               "params": _net_flat(layout, len(ids), seed=i)} for i, ids in enumerate(tasks)]
+    return ZooPool.from_models(models), eye
+
+
+# ---- baselines --------------------------------------------------------------------------------------
+
+
+def test_selection_is_the_generic_rows_of_the_task_classes(layout):
+    generic = get_target("cnn-5k").build(10, FASHION_IMAGE).state_dict()
+    ids = [7, 2, 5]
+    state = layout.unflatten(selection_flat(layout, generic, ids), 3)
+    assert torch.equal(state["head.weight"], generic["head.weight"][ids])
+    assert torch.equal(state["head.bias"], generic["head.bias"][ids])
+    for name, value in state.items():
+        if name.startswith("body."):
+            assert torch.equal(value, generic[name])
+
+
+def test_retrieval_finds_the_same_class_set_and_reorders_its_rows(layout):
+    pool, eye = _pool(layout, [[0, 1], [2, 5, 7], [2, 5, 8]])
+    flat, hit = retrieval_flat(layout, pool, eye[[7, 2, 5]])
+    assert hit["key"] == "task-000001" and hit["rows"] == [2, 0, 1] and hit["score"] == pytest.approx(1.0)
+    src = pool.params[1]
+    rows = src[layout.body_size :].reshape(3, layout.head_dim)
+    assert torch.equal(flat[: layout.body_size], src[: layout.body_size])  # its body, unchanged
+    assert torch.equal(flat[layout.body_size :].reshape(3, -1), rows[[2, 0, 1]])  # rows follow the task's order
+
+
+def test_retrieval_serves_a_missing_class_with_its_most_similar_row(layout):
+    pool, eye = _pool(layout, [[0, 1], [3, 4]])
+    query = torch.stack([eye[3], 0.9 * eye[4] + 0.1 * eye[9]])  # class "9-ish" is closest to class 4
+    hit = retrieve(pool, query)
+    assert hit["key"] == "task-000001" and hit["rows"] == [0, 1]
+
+
+def test_retrieval_prefers_the_closest_k_on_ties(layout):
+    pool, eye = _pool(layout, [[1, 2, 3, 4], [2, 1]])
+    assert retrieve(pool, eye[[1, 2]])["key"] == "task-000001"
+
+
+def test_mean_baseline_averages_bodies_and_per_class_rows(layout):
+    pool, _ = _pool(layout, [[0, 1], [1, 2]])
+    flat = mean_flat(layout, pool, [1, 0, 9])  # class 9: in no pool model
+    a, b = pool.params
+    D1 = layout.head_dim
+    rows = flat[layout.body_size :].reshape(3, D1)
+    ra, rb = a[layout.body_size :].reshape(2, D1), b[layout.body_size :].reshape(2, D1)
+    assert torch.allclose(flat[: layout.body_size], (a[: layout.body_size] + b[: layout.body_size]) / 2)
+    assert torch.allclose(rows[0], (ra[1] + rb[0]) / 2)  # class 1: position 1 of A, position 0 of B
+    assert torch.allclose(rows[1], ra[0])  # class 0: only in A
+    assert torch.allclose(rows[2], torch.cat([ra, rb]).mean(0))  # unknown class: mean of all rows
+
+
+def test_mismatched_classes_never_share_a_position():
+    import random
+
+    tasks = [[0, 1, 2], [1, 2, 0], [3, 4, 5], [0, 4, 6], [7, 8]]
+    rng = random.Random(0)
+    for ids in ([0, 1, 2], [3, 4, 5], [7, 8], [9, 3]):
+        other = mismatched_ids(ids, tasks, 10, rng)
+        assert len(other) == len(ids) and all(a != b for a, b in zip(other, ids))
+    assert set(mismatched_ids([0, 1, 2], tasks, 10, rng)) == {3, 4, 5}  # a disjoint task when there is one
+
+
+def test_batched_scoring_matches_one_model_at_a_time(layout):
+    from types import SimpleNamespace
+
+    from tina.accuracy import accuracy
+
+    k = 3
+    nets = [get_target("cnn-5k").build(k, FASHION_IMAGE) for _ in range(4)]
+    flats = torch.stack([layout.flatten(n.state_dict()) for n in nets])
+    flats[3, 5] = float("nan")
+    bundle = SimpleNamespace(target="cnn-5k", image=FASHION_IMAGE, layout=layout, base={})
+    x, y = torch.rand(50, 1, 28, 28), torch.randint(0, k, (50,))
+    acc = flat_accuracies(bundle, flats, k, x, y, eval_batch=16)
+    assert acc[:3].tolist() == pytest.approx([accuracy(n, x, y) for n in nets[:3]])
+    assert acc[3].item() == pytest.approx(1 / k)  # non-finite weights score chance
+
+
+# ---- configs and errors --------------------------------------------------------------------------------
+
+
+def test_eval_configs_load_and_bad_keys_are_errors():
+    for path in sorted(CONFIGS.glob("*.yaml")):
+        load_eval_config(str(path))
+    with pytest.raises(TinaError, match="unknown prompt forms"):
+        load_eval_config(None, ["forms=[names,nonsense]"])
+    with pytest.raises(TinaError):
+        load_eval_config(None, ["no_such_key=1"])
+
+
+def test_paper_setting_fails_clearly_where_its_pieces_are_missing(tmp_path):
+    cfg = load_eval_config(str(CONFIGS / "cifar100_paper.yaml"), [f"zoo={tmp_path / 'nozoo'}", f"out={tmp_path / 'out'}",
+                                                                   f"checkpoint={tmp_path / 'nobundle'}"])
+    from tina.evaluate import evaluate
+
+    with pytest.raises(TinaError, match="cannot run here") as e:
+        evaluate(cfg)
+    assert "zoo" in str(e.value) and "checkpoint" in str(e.value)
+
+
+def test_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0 and "--checkpoint" in capsys.readouterr().out
+
+
+# ---- end to end on the tiny zoo ------------------------------------------------------------------------
+
+SMALL = ["--tasks", "2", "--seeds", "3", "--steps", "3", "images_per_class=20", "finetune.tasks=1", "finetune.max_steps=5"]
+
+
+@pytest.fixture(scope="module")
+def eval_run(tiny_zoo, tiny_run, tmp_path_factory):
+    from tina.cli import main as cli_main
+
+    out = tmp_path_factory.mktemp("eval") / "out"
+    argv = ["eval", "--checkpoint", str(tiny_run / "bundle"), "--zoo", str(tiny_zoo), "--out", str(out), *SMALL]
+    assert cli_main(argv) == 0
+    return out
+
+
+def test_results_schema(eval_run):
+    r = json.loads((eval_run / "results.json").read_text())
+    assert r["format"] == "tina-eval/1" and r["seeds"] == [0, 1, 2]
+    assert set(r["splits"]) == {"train", "unseen_combo", "unseen_class"}
+    for split in r["splits"].values():
+        assert split["tasks"] == 2
+        assert set(split["baselines"]) == set(BASELINES)
+        for b in BASELINES:
+            assert 0.0 <= split["baselines"][b]["mean"] <= 1.0
+        assert set(split["generated"]) == set(FORMS)  # random text, mismatched, shuffled... all reported
+        for stats in split["generated"].values():
+            assert 0.0 <= stats["mean"] <= 1.0 and stats["n_seeds"] == 3 and len(stats["per_seed"]) == 3
+        h = split["headline"]
+        assert {"generated", "oracle", "selection", "ratio_to_oracle", "gain_captured"} <= set(h)
+        assert {"shuffled_vs_names", "names_minus_random_text", "names_minus_mismatched"} <= set(h["checks"])
+        for row in split["by_k"].values():
+            assert {"n", "generated", "oracle", "selection", "retrieval", "mean", "chance"} <= set(row)
+        t = split["per_task"][0]
+        assert len(t["generated"]["names"]) == 3 and "retrieved" in t
+    assert r["headline"]["split"] == "unseen_combo"
+    fb = r["finetune_budget"]
+    assert fb["tasks"] == 1 and fb["max_steps"] == 5 and fb["per_task"][0]["steps"][0] == 0
+    assert any("image prompts skipped" in n for n in r["notes"])  # the tiny generator has no projector
+
+
+def test_markdown_and_plots_exist(eval_run):
+    md = (eval_run / "results.md").read_text()
+    assert "| oracle |" in md and "**generated: names**" in md and "random_text" in md and "gain captured" in md
+    for name in ("accuracy_by_split.png", "prompt_forms.png", "accuracy_vs_k.png", "finetune_budget.png"):
+        assert (eval_run / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert (eval_run / "eval_config.yaml").is_file()
+
+
+def test_image_prompts_with_a_projector(tiny_zoo, tiny_run, tmp_path):
+    """An (untrained) projector inside a copy of the generator: image_1shot is generated and scored."""
+    projector = pytest.importorskip("tina.projector")
+    if not hasattr(projector, "ProjectorConfig") or not hasattr(projector, "ImageProjector"):
+        pytest.skip("tina.projector has no ProjectorConfig/ImageProjector")
+    from dataclasses import asdict
+
+    from tina.bundle import load_bundle, save_bundle
+    from tina.evaluate import evaluate
+
+    bundle = load_bundle(tiny_run / "bundle")
+    cfg = projector.ProjectorConfig(width=4, image=bundle.image.to_dict(), embed_dim=bundle.vocab_emb.shape[1],
+                                    text_encoder=bundle.text_encoder, dataset=bundle.dataset, classes=list(bundle.vocab))
+    net = projector.ImageProjector.from_config(cfg)
+    bundle.projector = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    bundle.projector_config = {"format": projector.PROJECTOR_FORMAT, **asdict(cfg), "metrics": {}}
+    path = save_bundle(bundle, tmp_path / "bundle")
+    r = evaluate(load_eval_config(None, [f"checkpoint={path}", f"zoo={tiny_zoo}", f"out={tmp_path / 'out'}",
+                                         "splits=[unseen_combo]", "forms=[names]", "image_shots=[1]", "tasks=2", "seeds=1",
+                                         "steps=2", "images_per_class=10", "finetune.tasks=0", "baselines=[selection]",
+                                         "plots=false"]))
+    stats = r["splits"]["unseen_combo"]["generated"]["image_1shot"]
+    assert 0.0 <= stats["mean"] <= 1.0 and stats["n_tasks"] == 2
