@@ -232,6 +232,21 @@ def test_build_resumes_after_sigkill_without_losing_or_duplicating(tiny_zoo, tmp
         assert (out / name).read_bytes() == (tiny_zoo / name).read_bytes(), name
 
 
+def test_ranks_split_shards_and_the_last_one_finalizes(tiny_zoo, tmp_path):
+    from zoo_builder.build import build
+
+    out = tmp_path / "ranks"
+    out.mkdir()
+    for name in ("generic.safetensors", "generic.json", "vocab.safetensors"):
+        shutil.copy(tiny_zoo / name, out / name)
+    cfg = _tiny_cfg(out, "tasks.train=10", "tasks.unseen_combo=0", "tasks.unseen_class=0", "shard_size=4", "finetune.steps=2")
+    assert build(cfg, rank=0, world_size=2) is None  # shards 0 and 2 only: no manifest yet
+    assert sorted(p.name for p in out.glob("*.tar")) == ["train-000000.tar", "train-000002.tar"]
+    man = build(cfg, rank=1, world_size=2)
+    assert man is not None and man["counts"]["train"] == 10
+    assert man["shards"]["train"] == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
+
+
 def test_cli_reports_config_errors(tmp_path, capsys):
     from zoo_builder.build import main
 

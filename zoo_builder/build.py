@@ -29,7 +29,7 @@ from tina.layout import ParamLayout, layout_for
 from zoo_builder import fit, generic
 from zoo_builder.config import ZooConfig, identity, identity_hash
 from zoo_builder.shards import (
-    MANIFEST, PLAN, build_manifest, encode_sample, load_vocab, plan_shards, read_json, remove_stale_tmp,
+    MANIFEST, PLAN, VOCAB, build_manifest, encode_sample, load_vocab, plan_shards, read_json, remove_stale_tmp,
     write_json, write_shard, write_vocab,
 )  # fmt: skip
 from zoo_builder.tasks import TaskPlan, sample_tasks
@@ -174,7 +174,7 @@ def build(cfg: ZooConfig, rank: int = 0, world_size: int = 1) -> dict | None:
 
     dataset = load_dataset(cfg.dataset.name, cfg.dataset.root)
     if rank == 0:
-        remove_stale_tmp(zoo)
+        remove_stale_tmp(zoo, [PLAN, MANIFEST, VOCAB, "config.yaml", generic.GENERIC_WEIGHTS, generic.GENERIC_METRICS])
         save_config(cfg, zoo / "config.yaml")
         plan_json = read_json(plan_path) if plan_path.is_file() else prepare(cfg, zoo, dataset)
     else:
@@ -193,6 +193,7 @@ def build(cfg: ZooConfig, rank: int = 0, world_size: int = 1) -> dict | None:
                        list(dataset.classes), load_vocab(zoo)["variants"], [class_variants(c) for c in dataset.classes])
 
     mine = [s for s in shards if s.index % world_size == rank]
+    remove_stale_tmp(zoo, [s.name for s in mine])
     todo = [s for s in mine if not (zoo / s.name).is_file()]
     total, done = sum(len(s.tasks) for s in mine), sum(len(s.tasks) for s in mine if s not in todo)
     log.info("rank %d/%d: %d of %d shard(s) to build (%d models), %d worker(s) x %d thread(s)",

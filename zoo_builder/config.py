@@ -67,10 +67,12 @@ class FinetuneConfig:
     batch_size: int = 32  # per model and step, class-balanced over the task's classes
     lr: float = 2e-3  # Adam peak learning rate (linear warmup, cosine decay to 0)
     warmup_steps: int = 10
-    group_size: int = 25  # models trained together in one batched computation
+    head_lr_mult: float = 1.0  # the head's learning rate relative to the body's
+    group_size: int = 25  # models trained together in one batched computation (one stacked Adam)
+    images_per_call: int = 128  # models x images per forward/backward call: keeps temporaries in cache
     train_per_class: int = 0  # training images per class a task may use (0 = all)
     eval_per_class: int = 300  # fixed test images per class for oracle / selection accuracy
-    eval_chunk: int = 256  # evaluation images per model per forward pass
+    eval_chunk: int = 128  # evaluation images per model per forward pass
     seed: int = 0
 
     def __post_init__(self):

@@ -169,14 +169,21 @@ class StackedCNN5k:
         # conv1 + pool: Z1 holds the 4 conv outputs of each pooled pixel; pool = max over them.
         P1 = _patches4(x.view(G * B, H, W, C)).view(G, B * H1 * W1, 16 * C)
         Z1 = torch.bmm(P1, self._block_weight(p["w1"]))  # (G, R1, 4*c1)
-        Z1v = Z1.view(-1, 4, 1, c1).permute(0, 3, 1, 2)  # (G*R1, c1, 4, 1), channels-last
-        M1, I1 = aten.max_pool2d_with_indices(Z1v, [4, 1], [4, 1])
+        if keep:  # training: the backward needs the argmax (max_pool2d's tie rule: first maximum)
+            Z1v = Z1.view(-1, 4, 1, c1).permute(0, 3, 1, 2)  # (G*R1, c1, 4, 1), channels-last
+            M1, I1 = aten.max_pool2d_with_indices(Z1v, [4, 1], [4, 1])
+        else:
+            z = Z1.view(G, -1, 4, c1)
+            M1 = torch.maximum(torch.maximum(z[:, :, 0], z[:, :, 1]), torch.maximum(z[:, :, 2], z[:, :, 3]))
         A1 = torch.relu_(M1.view(G, B * H1 * W1, c1) + p["b1"][:, None, :])  # (G, R1, c1)
         # conv2 + pool
         cols2 = _im2col3(A1.view(G * B, H1, W1, c1)).view(G, B * H1 * W1, 9 * c1)
         Z2 = torch.baddbmm(p["b2"][:, None, :], cols2, p["w2"])  # (G, R1, c2)
         Z2n = Z2.view(G * B, H1, W1, c2).permute(0, 3, 1, 2)  # NCHW view of channels-last memory
-        M2, I2 = aten.max_pool2d_with_indices(Z2n, [2, 2], [2, 2])
+        if keep:
+            M2, I2 = aten.max_pool2d_with_indices(Z2n, [2, 2], [2, 2])
+        else:
+            M2 = F.max_pool2d(Z2n, 2)
         A2 = torch.relu_(M2.permute(0, 2, 3, 1))  # (GB, H2, W2, c2)
         # conv3 + global average pool
         cols3 = _im2col3(A2).view(G, B * H2 * W2, 9 * c2)
@@ -249,18 +256,42 @@ class StackedLinear:
 
 
 class StackedTrainer:
-    """Stacked parameters + one Adam over them. Adam is elementwise, so this equals G separate Adams."""
+    """Stacked parameters + one Adam over them. Adam is elementwise, so this equals G separate Adams.
 
-    def __init__(self, net, params: dict[str, torch.Tensor], kmask: torch.Tensor, lr: float):
+    The forward/backward runs over slices of `models_per_call` models: a slice's temporaries (a few
+    MB) stay in cache, while one call over a whole large group would stream hundreds of MB through
+    memory and run ~2x slower. Slicing changes nothing numerically: models never interact.
+    """
+
+    def __init__(self, net, params: dict[str, torch.Tensor], kmask: torch.Tensor, lr: float, models_per_call: int = 0,
+                 head_lr_mult: float = 1.0):
         self.net, self.params, self.kmask = net, params, kmask
-        self.opt = torch.optim.Adam(list(params.values()), lr=lr, foreach=True)
+        self.G = kmask.shape[0]
+        self.per_call = models_per_call or self.G
+        for t in params.values():
+            t.grad = torch.zeros_like(t)
+        head = [t for n, t in params.items() if n in ("wh", "bh")]
+        body = [t for n, t in params.items() if n not in ("wh", "bh")]
+        groups = [{"params": head, "lr": lr * head_lr_mult, "lr_mult": head_lr_mult}]
+        if body:
+            groups.append({"params": body, "lr": lr, "lr_mult": 1.0})
+        self.opt = torch.optim.Adam(groups, lr=lr, foreach=True)
+
+    def set_lr(self, lr: float) -> None:
+        for g in self.opt.param_groups:
+            g["lr"] = lr * g["lr_mult"]
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        loss, grads = self.net.loss_and_grads(self.params, x, y, self.kmask)
-        for name, t in self.params.items():
-            t.grad = grads[name]
+        losses = []
+        for lo in range(0, self.G, self.per_call):
+            sl = slice(lo, lo + self.per_call)
+            p = {name: t[sl] for name, t in self.params.items()}
+            loss, grads = self.net.loss_and_grads(p, x[sl], y[sl], self.kmask[sl])
+            for name, t in self.params.items():
+                t.grad[sl] = grads[name]
+            losses.append(loss)
         self.opt.step()
-        return loss
+        return torch.cat(losses)
 
 
 # ---- data: what each model trains and is evaluated on -------------------------------------------
@@ -326,11 +357,21 @@ def sample_batch(data: FitData, ids: torch.Tensor, ks: torch.Tensor, batch: int,
     return data.train_order[data.train_start[cls] + j], pos
 
 
-def evaluate(net, p: dict[str, torch.Tensor], source: torch.Tensor, data: FitData, ids: torch.Tensor, ks: torch.Tensor, chunk: int) -> torch.Tensor:
+def evaluate(net, p: dict[str, torch.Tensor], source: torch.Tensor, data: FitData, ids: torch.Tensor, ks: torch.Tensor,
+             chunk: int, models_per_call: int = 0) -> torch.Tensor:
     """Accuracy (G,) of each model on the evaluation examples of its own classes (argmax over its k).
 
-    `source`: data.eval (images for the net) or data.eval_features (for a StackedLinear head)."""
-    G, k_max = ids.shape
+    `source`: data.eval (images for the net) or data.eval_features (for a StackedLinear head).
+    Runs over slices of `models_per_call` models, `chunk` examples per model at a time."""
+    G = ids.shape[0]
+    per_call = models_per_call or G
+    if per_call < G:
+        return torch.cat([
+            evaluate(net, {n: t[lo : lo + per_call] for n, t in p.items()}, source, data, ids[lo : lo + per_call],
+                     ks[lo : lo + per_call], chunk)
+            for lo in range(0, G, per_call)
+        ])  # fmt: skip
+    k_max = ids.shape[1]
     # Each model's evaluation list: its classes' examples back to back, labelled by position.
     n = (data.eval_count[ids] * (torch.arange(k_max)[None, :] < ks[:, None])).sum(1)  # (G,)
     L = int(n.max())
@@ -383,13 +424,14 @@ def fit_group(net, generic: dict[str, torch.Tensor], tasks: list[list[int]], dat
     # (computed once for the whole evaluation set) through the selected head rows.
     head = StackedLinear(data.eval_features.shape[1])
     selection = evaluate(head, head.pack(init, k_max), data.eval_features, data, ids, ks, cfg.eval_chunk)
-    trainer = StackedTrainer(net, params, kmask, cfg.lr)
+    per_call = max(1, cfg.images_per_call // cfg.batch_size)  # models per forward/backward call
+    trainer = StackedTrainer(net, params, kmask, cfg.lr, per_call, cfg.head_lr_mult)
     loss = torch.zeros(len(tasks))
     for step in range(cfg.steps):
-        trainer.opt.param_groups[0]["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup_steps)
+        trainer.set_lr(lr_at(step, cfg.steps, cfg.lr, cfg.warmup_steps))
         idx, y = sample_batch(data, ids, ks, cfg.batch_size, gen)
         loss = trainer.step(data.inputs(data.train, idx), y)
-    oracle = evaluate(net, params, data.eval, data, ids, ks, cfg.eval_chunk)
+    oracle = evaluate(net, params, data.eval, data, ids, ks, cfg.eval_chunk, max(1, cfg.images_per_call // cfg.eval_chunk))
     sds = [net.state_dict(params, i, len(t)) for i, t in enumerate(tasks)]
     return GroupResult(sds, oracle.tolist(), selection.tolist(), loss.tolist())
 

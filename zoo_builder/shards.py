@@ -135,10 +135,11 @@ def read_shard_metrics(path: Path) -> list[dict]:
     return out
 
 
-def remove_stale_tmp(zoo: Path) -> None:
-    """Leftovers of a killed writer; the shard they belonged to is rebuilt."""
-    for p in zoo.glob("*.tmp"):
-        p.unlink(missing_ok=True)
+def remove_stale_tmp(zoo: Path, names: list[str]) -> None:
+    """Leftovers of a killed writer (`names` + ".tmp"); what they belonged to is rebuilt. Only a
+    rank's own files: another rank may be writing its shards right now."""
+    for name in names:
+        (zoo / (name + ".tmp")).unlink(missing_ok=True)
 
 
 # ---- manifest ------------------------------------------------------------------------------------
