@@ -215,3 +215,27 @@ def test_image_prompts_with_a_projector(tiny_zoo, tiny_run, tmp_path):
                                          "plots=false"]))
     stats = r["splits"]["unseen_combo"]["generated"]["image_1shot"]
     assert 0.0 <= stats["mean"] <= 1.0 and stats["n_tasks"] == 2
+
+
+# ---- benchmarks that share this machinery ------------------------------------------------------------------
+
+
+def test_scaling_subset_zoo_keeps_the_first_models(tiny_zoo, tmp_path):
+    from benchmarks.scaling import subset_zoo
+    from tina.data import load_split, read_manifest
+
+    sub = subset_zoo(Path(tiny_zoo), 5, tmp_path / "sub")
+    assert read_manifest(sub)["counts"]["train"] == 5
+    full, part = load_split(tiny_zoo, "train"), load_split(sub, "train")
+    assert [m["key"] for m in part] == [m["key"] for m in full[:5]]
+    assert all(torch.equal(a["params"], b["params"]) for a, b in zip(part, full))
+    assert len(load_split(sub, "unseen_combo")) == len(load_split(tiny_zoo, "unseen_combo"))  # other splits linked
+
+
+@pytest.mark.parametrize("module", ["benchmarks.__main__", "benchmarks.train_throughput", "benchmarks.generation", "benchmarks.scaling"])
+def test_benchmark_help(module, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(module).main(["--help"])
+    assert e.value.code == 0 and "--quick" in capsys.readouterr().out
