@@ -16,7 +16,6 @@ import logging
 import os
 import platform
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -96,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
                            "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
                            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
                            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}}
+    threads0 = torch.get_num_threads()
     for part in parts:
+        torch.set_num_threads(threads0)  # a part may change it (the zoo benchmark does); each starts from the default
         t0 = time.perf_counter()
         try:
             if part == "zoo":

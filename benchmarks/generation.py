@@ -7,8 +7,9 @@
   cold    `python -m tina.cli generate` as a fresh subprocess: process start → model folder written
           (median of >= 3 runs); the child's peak memory from getrusage(RUSAGE_CHILDREN).
   fine-tune  the same task's generated model is scored on real test images; then the zoo builder's recipe
-          (tina.evaluate.finetune_curve: Adam, the zoo's lr and batch, from classifier selection) is timed
-          until it reaches that accuracy. Needs the zoo (from --zoo or the checkpoint's training record).
+          (tina.evaluate.finetune_curve: Adam, the zoo's lr schedule and batch, from classifier selection) is timed
+          for growing budgets until one reaches that accuracy (at most the zoo's own steps, the oracle's
+          budget). Needs the zoo (from --zoo or the checkpoint's training record).
 Goals (2-core CPU): warm <= 1 s, cold <= 5 s. Without a trained checkpoint an untrained random generator
 of the default size stands in (latency does not depend on training; the fine-tune comparison is skipped).
 """
@@ -114,7 +115,7 @@ def finetune_same_accuracy(tina, zoo: str, task: dict, images_per_class: int = 3
     target = accuracy(net, x, y)
     ft = man["config"]["finetune"]
     flat0 = selection_flat(tina.bundle.layout, load_file(Path(zoo) / "generic.safetensors"), task["class_ids"])
-    max_steps = max(100, 3 * int(ft.get("steps", 100)))
+    max_steps = int(ft.get("steps", 100))  # the zoo's own budget: the oracle
     curve = finetune_curve(tina.bundle, flat0, list(task["classes"]), list(task["class_ids"]), dataset, x, y, ft, max_steps,
                            seed=0, target_acc=target)
     return {"task": task["key"], "classes": list(task["classes"]), "generated_acc": round(target, 4), "generate_s": round(gen_s, 3),
@@ -145,7 +146,7 @@ def run(quick: bool = False, checkpoint: str | None = None, zoo: str | None = No
         # (OpenMP barriers wait on descheduled threads), so both are measured and the faster one counts.
         threads0 = torch.get_num_threads()
         r["warm_by_threads"] = {}
-        for th in sorted({1, threads0}):
+        for th in sorted({1, os.cpu_count() or 1}):
             torch.set_num_threads(th)
             r["warm_by_threads"][str(th)] = warm_latency(tina, prompt, 5 if quick else 10)
         best = min(r["warm_by_threads"], key=lambda th: r["warm_by_threads"][th]["median_s"])

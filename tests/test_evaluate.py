@@ -100,6 +100,16 @@ def test_mismatched_classes_never_share_a_position():
     assert set(mismatched_ids([0, 1, 2], tasks, 10, rng)) == {3, 4, 5}  # a disjoint task when there is one
 
 
+def test_finetune_schedule_is_the_zoo_builders():
+    from tina.evaluate import recipe_lr
+    from zoo_builder.fit import lr_at
+
+    ft = {"lr": 3e-3, "warmup_steps": 10, "steps": 100}
+    assert [recipe_lr(s, 100, ft) for s in range(100)] == pytest.approx([lr_at(s, 100, 3e-3, 10) for s in range(100)])
+    assert recipe_lr(0, 10, ft) == pytest.approx(3e-3)  # a 10-step budget: warm-up scaled to 1 step
+    assert recipe_lr(5, 10, {"lr": 1e-3}) == 1e-3  # zoos from before the schedule: constant
+
+
 def test_batched_scoring_matches_one_model_at_a_time(layout):
     from types import SimpleNamespace
 

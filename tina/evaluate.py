@@ -31,9 +31,10 @@ Baselines, in the same table and on the same test images (BASELINES):
              the models that contain c; a class no training model contains gets the mean of all head rows.
 
 The fine-tuning budget: for `finetune.tasks` tasks, start from classifier selection and fine-tune on real
-training images with the zoo builder's recipe (Adam, the zoo's lr, class-balanced batches of the zoo's batch
-size, the zoo's training-image cap), measuring test accuracy on a step grid; reported: how many steps reach
-the generated model's accuracy (mean over seeds, `names` prompts), median over tasks.
+training images with the zoo builder's recipe (Adam, its lr, warm-up + cosine schedule and head lr multiplier,
+class-balanced batches of its batch size, its training-image cap) for budgets of S steps (STEP_GRID, a fresh run
+per budget); reported: the smallest budget whose test accuracy reaches the generated model's (mean over seeds,
+`names` prompts), median over tasks (`finetune_curve`).
 
 Outputs in OUT: results.json (schema RESULTS_FORMAT), results.md (tables), PNG plots, eval_config.yaml.
 """
@@ -116,7 +117,7 @@ class FinetuneBudgetConfig:
 
     tasks: int = 8  # tasks fine-tuned (0 = skip the budget)
     split: str = "unseen_combo"  # which split's tasks (falls back to the first evaluated split)
-    max_steps: int = 0  # 0: three times the zoo's fine-tuning steps, at least 100
+    max_steps: int = 0  # largest budget tried; 0: the zoo's own fine-tuning steps (the oracle's budget)
     seed: int = 0
 
     def __post_init__(self):
@@ -133,6 +134,8 @@ class ExpectConfig:
     text_encoder: Optional[str] = None  # e.g. open_clip:ViT-B-32/openai
     k: Optional[int] = None  # every evaluated task has exactly k classes
     min_tasks: int = 0  # the evaluated splits together hold at least this many tasks
+    zoo_config: Optional[str] = None  # named in the error when the zoo is missing
+    train_config: Optional[str] = None  # named in the error when the checkpoint is missing
 
 
 @dataclass
@@ -313,60 +316,106 @@ def flat_accuracies(bundle, flats: torch.Tensor, k: int, x: torch.Tensor, y: tor
 # ---- the fine-tuning budget ----------------------------------------------------------------------------
 
 
+def recipe_lr(step: int, total: int, finetune: dict) -> float:
+    """The zoo builder's learning rate at `step` of a `total`-step run (zoo_builder/fit.py lr_at): linear
+    warm-up, then cosine decay to zero; the warm-up is scaled to the run's length. Zoos built before the
+    schedule existed (no warmup_steps in their config) used a constant rate."""
+    lr = float(finetune.get("lr", 1e-3))
+    if "warmup_steps" not in finetune:
+        return lr
+    zoo_steps = max(1, int(finetune.get("steps", total) or total))
+    warmup = round(int(finetune["warmup_steps"]) * total / zoo_steps)
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+class _TrainPool:
+    """Class-balanced minibatches of one task's training images, as the zoo builder draws them."""
+
+    def __init__(self, dataset, class_ids: list[int], per_class: int, gen: torch.Generator):
+        pools = []
+        for c in class_ids:
+            idx = np.flatnonzero(np.asarray(dataset.train_y) == c)
+            if per_class and len(idx) > per_class:
+                idx = np.sort(idx[torch.randperm(len(idx), generator=gen)[:per_class].numpy()])
+            pools.append(torch.from_numpy(idx))
+        self.dataset, self.k = dataset, len(class_ids)
+        self.counts = torch.tensor([len(p) for p in pools])
+        self.order = torch.cat(pools)
+        self.starts = torch.cumsum(self.counts, 0) - self.counts
+
+    def batch(self, size: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = torch.randint(0, self.k, (size,), generator=gen)  # (B,) class positions = labels
+        j = (torch.rand(size, generator=gen) * self.counts[pos]).long()
+        x, _ = self.dataset.tensors("train", self.order[self.starts[pos] + j].numpy())
+        return x, pos
+
+
 def finetune_curve(bundle, flat0: torch.Tensor, classes: list[str], class_ids: list[int], dataset, x: torch.Tensor,
                    y: torch.Tensor, finetune: dict, max_steps: int, seed: int = 0, target_acc: float | None = None,
                    device: str | torch.device = "cpu") -> dict:
-    """Fine-tune one model from `flat0` with the zoo's recipe; test accuracy on STEP_GRID up to max_steps.
+    """Test accuracy after S fine-tuning steps from `flat0`, for the budgets S of STEP_GRID up to max_steps.
 
-    `finetune`: the zoo manifest's config["finetune"] (lr, batch_size, train_per_class). Returns
-    {"steps": [...], "acc": [...], "seconds": [...]} (seconds: training time only, evaluation excluded),
-    plus "steps_to_target"/"seconds_to_target" when `target_acc` is given (None when not reached).
-    Stops early once `target_acc` is reached when `target_acc` is given.
+    The zoo builder's recipe (`finetune`: the manifest's config["finetune"]): Adam with the zoo's lr (head
+    rows at lr * head_lr_mult), class-balanced batches of the zoo's batch size from at most train_per_class
+    images per class, and its schedule. With a warm-up + cosine schedule every budget S is a fresh run whose
+    schedule spans S steps (reading accuracy midway through one long run would understate what S steps can
+    do); with a constant rate one run is read along the way. Returns {"steps", "acc", "seconds" (training
+    time of the run that gave each point)}, plus "steps_to_target"/"seconds_to_target" (None when not
+    reached) when `target_acc` is given, in which case it stops at the first budget that reaches it.
     """
     from tina.accuracy import accuracy
     from tina.sample import build_model
     from tina.targets import get_target
 
-    gen = torch.Generator().manual_seed(seed)
-    net = build_model(bundle, flat0, classes).to(device)
     spec = get_target(bundle.target)
-    trainable = [p for n, p in net.named_parameters() if spec.is_generated(n)]
-    for n, p in net.named_parameters():
-        p.requires_grad_(spec.is_generated(n))
-    opt = torch.optim.Adam(trainable, lr=float(finetune.get("lr", 1e-3)))
-    per_class = int(finetune.get("train_per_class", 0) or 0)
     batch = int(finetune.get("batch_size", 32))
-    pools = []
-    for c in class_ids:
-        idx = np.flatnonzero(np.asarray(dataset.train_y) == c)
-        if per_class and len(idx) > per_class:
-            idx = np.sort(idx[torch.randperm(len(idx), generator=gen)[:per_class].numpy()])
-        pools.append(torch.from_numpy(idx))
-    counts = torch.tensor([len(p) for p in pools])
-    order = torch.cat(pools)
-    starts = torch.cumsum(counts, 0) - counts
+    head_mult = float(finetune.get("head_lr_mult", 1.0))
+    pool = _TrainPool(dataset, class_ids, int(finetune.get("train_per_class", 0) or 0), torch.Generator().manual_seed(seed))
     grid = [s for s in STEP_GRID if s <= max_steps]
     if grid[-1] != max_steps:
         grid.append(max_steps)
-    out = {"steps": [], "acc": [], "seconds": []}
-    trained, step = 0.0, 0
-    for target_step in grid:
+
+    def fresh():
+        net = build_model(bundle, flat0, classes).to(device)
+        groups = {"head": [], "body": []}
+        for n, p in net.named_parameters():
+            p.requires_grad_(spec.is_generated(n))
+            if spec.is_generated(n):
+                groups["head" if n.startswith("head.") else "body"].append(p)
+        opt = torch.optim.Adam([g for g in ({"params": groups["head"], "lr_mult": head_mult},
+                                             {"params": groups["body"], "lr_mult": 1.0}) if g["params"]])
+        return net, opt
+
+    def train(net, opt, start: int, stop: int, total: int, gen: torch.Generator) -> float:
         t0 = time.perf_counter()
         net.train()
-        while step < target_step:
-            pos = torch.randint(0, len(class_ids), (batch,), generator=gen)  # class-balanced, as the zoo builder
-            j = (torch.rand(batch, generator=gen) * counts[pos]).long()
-            xb, _ = dataset.tensors("train", order[starts[pos] + j].numpy())
-            loss = F.cross_entropy(net(xb.to(device)), pos.to(device))
+        for step in range(start, stop):
+            for g in opt.param_groups:
+                g["lr"] = recipe_lr(step, total, finetune) * g["lr_mult"]
+            xb, yb = pool.batch(batch, gen)
+            loss = F.cross_entropy(net(xb.to(device)), yb.to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            step += 1
-        trained += time.perf_counter() - t0
+        return time.perf_counter() - t0
+
+    one_run = "warmup_steps" not in finetune
+    out = {"steps": [], "acc": [], "seconds": [], "schedule": "constant lr, one run" if one_run else "warm-up + cosine, a run per budget"}
+    net, opt = fresh()
+    gen, done, spent = torch.Generator().manual_seed(seed + 1), 0, 0.0
+    for budget in grid:
+        if one_run:
+            spent += train(net, opt, done, budget, max_steps, gen)
+            done = budget
+        else:
+            net, opt = fresh()
+            spent = train(net, opt, 0, budget, budget, torch.Generator().manual_seed(seed + 1))
         acc = accuracy(net, x, y)
-        out["steps"].append(step)
+        out["steps"].append(budget)
         out["acc"].append(acc)
-        out["seconds"].append(trained)
+        out["seconds"].append(spent)
         if target_acc is not None and acc >= target_acc:
             break
     if target_acc is not None:
@@ -484,6 +533,7 @@ def _check_setting(cfg: EvalConfig):
     from tina.text import get_text_encoder
 
     ex, missing, dataset = cfg.expect, [], None
+    zoo_cfg, train_cfg = ex.zoo_config or "configs/zoo/<name>.yaml", ex.train_config or "configs/train/<name>.yaml"
     if ex.dataset is not None:
         try:
             dataset = load_dataset(ex.dataset, cfg.data_root)
@@ -497,12 +547,12 @@ def _check_setting(cfg: EvalConfig):
     if not (Path(cfg.zoo) / "manifest.json").is_file():
         what = ", ".join(f"{n} {v}" for n, v in (("dataset", ex.dataset), ("target", ex.target),
                                                   ("text_encoder", ex.text_encoder), ("k", ex.k)) if v is not None)
-        missing.append(f"zoo {cfg.zoo!r} does not exist: build one ({what}) with `tina zoo build CONFIG out={cfg.zoo}`")
+        missing.append(f"zoo {cfg.zoo!r} does not exist: build one ({what}) with `tina zoo build {zoo_cfg} out={cfg.zoo}`")
     try:
         resolve_checkpoint(cfg.checkpoint)
     except TinaError:
         missing.append(f"checkpoint {cfg.checkpoint!r} does not exist: train one on the zoo with "
-                       f"`tina train CONFIG zoo={cfg.zoo}` and pass --checkpoint RUN/bundle")
+                       f"`tina train {train_cfg} zoo={cfg.zoo} out=RUN` and pass --checkpoint RUN/bundle")
     if missing:
         raise TinaError("this evaluation setting cannot run here:\n  - " + "\n  - ".join(missing))
     return dataset
@@ -514,7 +564,8 @@ def _resolve_inputs(cfg: EvalConfig):
     from tina.datasets import load_dataset
     from tina.sample import Tina, resolve_checkpoint
 
-    dataset = _check_setting(cfg) if any(v not in (None, 0) for v in vars(cfg.expect).values()) else None
+    checked = ("dataset", "target", "text_encoder", "k", "min_tasks")
+    dataset = _check_setting(cfg) if any(getattr(cfg.expect, n) not in (None, 0) for n in checked) else None
     zoo = Path(cfg.zoo)
     if not (zoo / "manifest.json").is_file():
         raise TinaError(
@@ -837,7 +888,7 @@ def _finetune_budget(cfg, man, bundle, dataset, splits, results, generic) -> dic
 
     split = cfg.finetune.split if cfg.finetune.split in splits else next(iter(splits))
     ft = man.get("config", {}).get("finetune", {})
-    max_steps = cfg.finetune.max_steps or max(100, 3 * int(ft.get("steps", 100)))
+    max_steps = cfg.finetune.max_steps or int(ft.get("steps", 100))
     per_task, t0 = [], time.perf_counter()
     records = results["splits"][split]["per_task"]
     for i, m in enumerate(tqdm(splits[split][: cfg.finetune.tasks], desc="fine-tune budget", unit="task", disable=None)):
@@ -852,8 +903,10 @@ def _finetune_budget(cfg, man, bundle, dataset, splits, results, generic) -> dic
     med = float(np.median(steps)) if steps else float("nan")
     secs = [c["seconds_to_target"] for c in per_task if c["seconds_to_target"] is not None]
     return {"split": split, "tasks": len(per_task), "max_steps": max_steps,
-            "recipe": {"optimizer": "Adam", "lr": ft.get("lr"), "batch_size": ft.get("batch_size"),
-                       "train_per_class": ft.get("train_per_class"), "init": "classifier selection", "zoo_steps": ft.get("steps")},
+            "recipe": {"optimizer": "Adam", "lr": ft.get("lr"), "warmup_steps": ft.get("warmup_steps"),
+                       "head_lr_mult": ft.get("head_lr_mult", 1.0), "batch_size": ft.get("batch_size"),
+                       "train_per_class": ft.get("train_per_class"), "init": "classifier selection", "zoo_steps": ft.get("steps"),
+                       "schedule": per_task[0]["schedule"] if per_task else None},
             "median_steps": med if math.isfinite(med) else None,
             "median_steps_text": (f"{med:g}" if math.isfinite(med) else f"> {max_steps}"),
             "reached": int(sum(math.isfinite(s) for s in steps)),
