@@ -117,7 +117,7 @@ def train_one(cfg: ScalingConfig, zoo: Path, size: str, name: str) -> tuple[Path
                  "resume=false"]
     if small:  # no intermediate validation or checkpoints in short runs
         overrides += [f"trainer.val_every={10 * cfg.steps}", f"trainer.ckpt_every={10 * cfg.steps}", "val.tasks=2",
-                      "trainer.final_val_tasks=2", "val.steps=5"]
+                      "trainer.final_val_tasks=2", "diffusion.steps=5"]
     path = train(load_config(TrainConfig, ROOT / cfg.train_config, overrides + list(cfg.train_overrides)))
     return path, float(json.loads((path / "bundle.json").read_text())["training"]["seconds"])  # fit time, as recorded
 

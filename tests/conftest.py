@@ -40,7 +40,7 @@ def tiny_zoo(tmp_path_factory):
 
 TINY_TRAIN = [
     "generator.size=DiT-T", "trainer.batch_size=8", "trainer.val_every=1000", "trainer.ckpt_every=3",
-    "val.tasks=3", "val.steps=3", "val.images_per_class=20", "trainer.final_val_tasks=3", "optim.warmup_steps=2",
+    "val.tasks=3", "diffusion.steps=3", "val.images_per_class=20", "trainer.final_val_tasks=3", "optim.warmup_steps=2",
 ]
 
 

@@ -36,12 +36,9 @@ class OptimConfig:
 class ValConfig:
     """Validation samples models for held-out tasks and measures them on real test images."""
 
-    tasks: int = 24  # held-out tasks sampled per validation
+    tasks: int = 24  # held-out tasks sampled per validation (with the diffusion config's sampler)
     split: str = "unseen_combo"
     images_per_class: int = 200
-    steps: int = 25
-    sampler: str = "ddim"
-    guidance: float = 1.0
 
 
 class TinaLitModule(L.LightningModule):
@@ -99,14 +96,16 @@ class TinaLitModule(L.LightningModule):
     def on_validation_epoch_end(self):
         if not self.val_models or self.dataset is None or self.trainer.sanity_checking:
             return
-        metrics = validate_generated(self.ema, self.layout, self.sched_config, self.val_models, self.dataset, self.target, self.val_cfg)
+        metrics = validate_generated(self.ema, self.layout, self.sched_config, self.val_models, self.dataset, self.target,
+                                     self.val_cfg, self.diffusion)
         for k, v in metrics.items():
             self.log(f"val/{k}", v, rank_zero_only=True, sync_dist=False)
         log.info("step %d: %s", self.global_step, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
 
 
 @torch.no_grad()
-def validate_generated(dit, layout, sched_config, models: list[dict], dataset, target: str, cfg: ValConfig, base=None) -> dict:
+def validate_generated(dit, layout, sched_config, models: list[dict], dataset, target: str, cfg: ValConfig,
+                       diffusion: DiffusionConfig, base=None) -> dict:
     """Generate the given zoo tasks from their class names; mean accuracy vs oracle and selection."""
     from tina.sample import build_model
     from tina.bundle import Bundle
@@ -123,8 +122,8 @@ def validate_generated(dit, layout, sched_config, models: list[dict], dataset, t
         mask[i, :k] = True
     gen = torch.Generator().manual_seed(0)
     noise = torch.randn(len(models), dit.num_tokens(K), layout.token_size, generator=gen)
-    tokens = sample_tokens(dit, sched_config, cond.to(device), mask.to(device), sampler=cfg.sampler, steps=cfg.steps,
-                           guidance=cfg.guidance, noise=noise.to(device)).float().cpu()
+    tokens = sample_tokens(dit, sched_config, cond.to(device), mask.to(device), sampler=diffusion.sampler,
+                           steps=diffusion.steps, guidance=diffusion.guidance, noise=noise.to(device)).float().cpu()
     shell = Bundle(dit=dit, layout=layout, scheduler_config=sched_config, target=target, image=dataset.image,
                    dataset=dataset.name, text_encoder="", k_max=K, vocab=[], vocab_emb=torch.zeros(0, E), base=base or {})
     gen_acc, oracle, select = [], [], []

@@ -148,14 +148,15 @@ def train(cfg: TrainConfig) -> Path:
     if layout.frozen:  # timm targets: the frozen backbone travels with the generator
         generic = load_file(zoo / "generic.safetensors")
         base = {k: generic[k] for k in layout.frozen}
-    metrics = validate_generated(ema, layout, module.sched_config, final_models, dataset, man["target"], cfg.val, base) if final_models else {}
+    metrics = validate_generated(ema, layout, module.sched_config, final_models, dataset, man["target"], cfg.val,
+                                 cfg.diffusion, base) if final_models else {}
     log.info("final held-out metrics: %s", metrics)
     bundle = Bundle(
         dit=ema, layout=layout, scheduler_config=module.sched_config, target=man["target"], image=image,
         dataset=man["dataset"]["name"], text_encoder=man["text_encoder"], k_max=int(man["config"]["tasks"]["k_max"]),
         vocab=list(man["dataset"]["classes"]), vocab_emb=vocab_t["names"].float(), base=base,
         meta={
-            "sampling": {"sampler": cfg.val.sampler, "steps": cfg.val.steps, "guidance": cfg.val.guidance},
+            "sampling": {"sampler": cfg.diffusion.sampler, "steps": cfg.diffusion.steps, "guidance": cfg.diffusion.guidance},
             "metrics": {"split": cfg.val.split, "tasks": len(final_models), **metrics},
             "training": {"steps": int(trainer.global_step), "seconds": round(seconds, 1), "device": str(precision) + " " + (
                 torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"), "generator_size": cfg.generator.size,
