@@ -48,9 +48,9 @@ def prepare(cfg: ZooConfig, zoo: Path, dataset) -> dict:
     from tina.text import get_text_encoder
 
     layout = layout_for(cfg.target, dataset.image, cfg.token_size)
-    if generic.load_generic(zoo, cfg) is None:
+    if generic.load_generic(zoo, cfg, layout.fingerprint) is None:
         features = frozen_features(cfg, dataset, None)
-        net, metrics = generic.train_generic(cfg, dataset, features)
+        net, metrics = generic.train_generic(cfg, dataset, layout.fingerprint, features)
         generic.save_generic(zoo, net, metrics)
     if not (zoo / "vocab.safetensors").is_file():
         log.info("encoding %d classes x %d variants with %s", len(dataset.classes), NUM_VARIANTS, cfg.text_encoder)
@@ -164,30 +164,33 @@ def build(cfg: ZooConfig, rank: int = 0, world_size: int = 1) -> dict | None:
         raise TinaError(f"rank must be in [0, world_size), got rank={rank} world_size={world_size}")
     zoo = Path(cfg.out)
     zoo.mkdir(parents=True, exist_ok=True)
-    plan_path = zoo / PLAN
-    if plan_path.is_file() and read_json(plan_path).get("identity_hash") != identity_hash(cfg):
-        raise TinaError(f"{zoo} holds a zoo built with another config; choose another out= or delete the folder")
     threads, workers = cfg.runtime.resolved_threads(), cfg.runtime.resolved_workers()
     torch.set_num_threads(threads)
     fit.tune_malloc()
     t0 = time.perf_counter()
 
     dataset = load_dataset(cfg.dataset.name, cfg.dataset.root)
+    layout = layout_for(cfg.target, dataset.image, cfg.token_size)
+    plan_path = zoo / PLAN
+    if plan_path.is_file():
+        _check_plan(read_json(plan_path), cfg, layout, zoo)
     if rank == 0:
         remove_stale_tmp(zoo, [PLAN, MANIFEST, VOCAB, "config.yaml", generic.GENERIC_WEIGHTS, generic.GENERIC_METRICS])
         save_config(cfg, zoo / "config.yaml")
         plan_json = read_json(plan_path) if plan_path.is_file() else prepare(cfg, zoo, dataset)
     else:
-        plan_json = _wait_for_plan(plan_path, cfg)
+        plan_json = _wait_for_plan(plan_path, cfg, layout)
     plan = TaskPlan.from_dict(plan_json)
     shards = plan_shards(plan, cfg.shard_size)
     if (zoo / MANIFEST).is_file():
         log.info("%s is already complete", zoo)
         return read_json(zoo / MANIFEST)
 
-    state, _ = generic.load_generic(zoo, cfg)
+    loaded = generic.load_generic(zoo, cfg, layout.fingerprint)
+    if loaded is None:
+        raise TinaError(f"{zoo / generic.GENERIC_WEIGHTS} is missing or was trained with other settings; delete {zoo} and rebuild")
+    state = loaded[0]
     features = frozen_features(cfg, dataset, state)
-    layout = layout_for(cfg.target, dataset.image, cfg.token_size)
     data = make_fit_data(cfg, dataset, state, features)
     ctx = ShardContext(cfg, zoo, _fit_net(cfg, dataset.image, layout.feature_dim), state, data, layout,
                        list(dataset.classes), load_vocab(zoo)["variants"], [class_variants(c) for c in dataset.classes])
@@ -211,15 +214,23 @@ def build(cfg: ZooConfig, rank: int = 0, world_size: int = 1) -> dict | None:
     return finalize(zoo, plan_json, shards)
 
 
-def _wait_for_plan(plan_path: Path, cfg: ZooConfig) -> dict:
+def _check_plan(plan_json: dict, cfg: ZooConfig, layout: ParamLayout, zoo: Path) -> None:
+    """A zoo folder resumes only with the config and target architecture it was started with."""
+    if plan_json.get("identity_hash") != identity_hash(cfg):
+        raise TinaError(f"{zoo} holds a zoo built with another config; choose another out= or delete the folder")
+    if plan_json.get("layout_fingerprint") != layout.fingerprint:
+        raise TinaError(f"{zoo} holds a zoo of another {cfg.target} architecture (layout "
+                        f"{plan_json.get('layout_fingerprint')} vs {layout.fingerprint}); delete the folder and rebuild")  # fmt: skip
+
+
+def _wait_for_plan(plan_path: Path, cfg: ZooConfig, layout: ParamLayout) -> dict:
     t0 = time.monotonic()
     while not plan_path.is_file():
         if time.monotonic() - t0 > WAIT_SECONDS:
             raise TinaError(f"gave up waiting for rank 0 to write {plan_path}")
         time.sleep(5)
     plan_json = read_json(plan_path)
-    if plan_json.get("identity_hash") != identity_hash(cfg):
-        raise TinaError(f"{plan_path} was written for another config than this rank's")
+    _check_plan(plan_json, cfg, layout, plan_path.parent)
     return plan_json
 
 

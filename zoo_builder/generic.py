@@ -29,9 +29,11 @@ log = logging.getLogger(__name__)
 GENERIC_WEIGHTS, GENERIC_METRICS = "generic.safetensors", "generic.json"
 
 
-def generic_identity(cfg) -> str:
-    """Hash of what the generic model depends on (`cfg`: ZooConfig)."""
-    return config_hash({"dataset": vars(cfg.dataset), "target": cfg.target, "generic": vars(cfg.generic)})
+def generic_identity(cfg, layout_fingerprint: str) -> str:
+    """Hash of what the generic model depends on (`cfg`: ZooConfig); the layout fingerprint changes
+    with the target's architecture, so weights of an older architecture are never reused."""
+    return config_hash({"dataset": vars(cfg.dataset), "target": cfg.target, "generic": vars(cfg.generic),
+                        "layout": layout_fingerprint})  # fmt: skip
 
 
 def build_net(cfg, image, num_classes: int) -> TargetNet:
@@ -108,7 +110,7 @@ def accuracy(net: TargetNet, dataset, batch_size: int = 512) -> float:
     return correct / max(1, len(dataset.test_y))
 
 
-def train_generic(cfg, dataset, features: dict[str, torch.Tensor] | None = None) -> tuple[TargetNet, dict]:
+def train_generic(cfg, dataset, layout_fingerprint: str, features: dict[str, torch.Tensor] | None = None) -> tuple[TargetNet, dict]:
     """Train the generic model of `cfg` (ZooConfig) on `dataset`; returns the net and its metrics.
 
     For +linear targets `features` must hold the frozen backbone's "train"/"test" features.
@@ -126,7 +128,7 @@ def train_generic(cfg, dataset, features: dict[str, torch.Tensor] | None = None)
         with torch.no_grad():
             test_acc = (net.head(features["test"]).argmax(1) == test_y).float().mean().item()
     metrics = {"test_acc": round(test_acc, 5), "seconds": round(time.perf_counter() - t0, 1),
-               "num_classes": len(dataset.classes), "identity": generic_identity(cfg)}  # fmt: skip
+               "num_classes": len(dataset.classes), "identity": generic_identity(cfg, layout_fingerprint)}  # fmt: skip
     net.to(memory_format=torch.contiguous_format)
     log.info("generic model: test accuracy %.4f in %.0f s", test_acc, metrics["seconds"])
     return net, metrics
@@ -142,13 +144,13 @@ def save_generic(zoo: Path, net: TargetNet, metrics: dict) -> None:
     os.replace(tmp, zoo / GENERIC_METRICS)
 
 
-def load_generic(zoo: Path, cfg) -> tuple[dict[str, torch.Tensor], dict] | None:
-    """The saved generic model if it was trained with the same settings, else None."""
+def load_generic(zoo: Path, cfg, layout_fingerprint: str) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """The saved generic model if it was trained with the same settings and architecture, else None."""
     mpath, wpath = zoo / GENERIC_METRICS, zoo / GENERIC_WEIGHTS
     if not (mpath.is_file() and wpath.is_file()):
         return None
     metrics = json.loads(mpath.read_text())
-    if metrics.get("identity") != generic_identity(cfg):
+    if metrics.get("identity") != generic_identity(cfg, layout_fingerprint):
         log.warning("ignoring %s: trained with other settings", wpath)
         return None
     return load_file(str(wpath)), metrics
