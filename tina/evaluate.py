@@ -585,9 +585,10 @@ def _resolve_inputs(cfg: EvalConfig):
                         "(its bundle is RUN/bundle) and pass --checkpoint RUN/bundle") from None
     tina = Tina.from_pretrained(cfg.checkpoint, device=cfg.device)
     b = tina.bundle
-    if b.fingerprint != man["layout_fingerprint"]:
-        raise TinaError(f"checkpoint {cfg.checkpoint} has layout {b.fingerprint}, zoo {zoo} has {man['layout_fingerprint']}: "
-                        "evaluate a generator on the zoo it was trained on")
+    # Flat vectors do not depend on the token size (a generator may re-tokenize its zoo): compare the rest.
+    if {**b.layout.to_dict(), "token_size": 0} != {**man["layout"], "token_size": 0}:
+        raise TinaError(f"checkpoint {cfg.checkpoint} (layout {b.fingerprint}) generates other parameter vectors than zoo "
+                        f"{zoo} holds (layout {man['layout_fingerprint']}): evaluate a generator on the zoo it was trained on")
     if b.text_encoder != man["text_encoder"]:
         raise TinaError(f"checkpoint {cfg.checkpoint} uses text encoder {b.text_encoder!r}, zoo {zoo} {man['text_encoder']!r}")
     if dataset is None or dataset.name != man["dataset"]["name"]:
