@@ -820,6 +820,11 @@ def evaluate(cfg: EvalConfig) -> dict:
     if cfg.finetune.tasks and generic is not None:
         results["finetune_budget"] = _finetune_budget(cfg, man, bundle, dataset, splits, results, generic)
 
+    for s, r in results["splits"].items():
+        h = r["headline"]
+        if "gain_captured" in h and h["oracle"] - h["selection"] < 0.02:
+            notes.append(f"{s}: oracle − selection is only {h['oracle'] - h['selection']:.3f}, so gain captured "
+                         f"({h['gain_captured']:.2f}) is dominated by noise; compare accuracies directly")
     main_split = "unseen_combo" if "unseen_combo" in results["splits"] else next(iter(results["splits"]))
     results["headline"] = {"split": main_split, **results["splits"][main_split]["headline"]}
     results["notes"] = notes
