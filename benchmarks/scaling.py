@@ -65,8 +65,11 @@ def subset_zoo(zoo: Path, n: int, out: Path) -> Path:
 
     man = read_manifest(zoo)
     keep = man["splits"]["train"][:n]
-    if (out / "manifest.json").is_file() and read_manifest(out)["splits"]["train"] == keep:
-        return out
+    if (out / "manifest.json").is_file():  # reuse only a subset of this very zoo
+        old = read_manifest(out)
+        if old["splits"]["train"] == keep and old.get("subset_of", {}).get("config_hash") == man.get("config_hash") \
+                and old["layout"] == man["layout"]:
+            return out
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -85,13 +88,31 @@ def subset_zoo(zoo: Path, n: int, out: Path) -> Path:
     sub["splits"] = {**man["splits"], "train": keep}
     sub["shards"] = {**man["shards"], "train": [shard.name]}
     sub["counts"] = {**man.get("counts", {}), "train": len(keep)}
-    sub["subset_of"] = {"zoo": str(zoo), "train_models": len(keep)}
+    sub["subset_of"] = {"zoo": str(zoo), "train_models": len(keep), "config_hash": man.get("config_hash")}
     (out / "manifest.json").write_text(json.dumps(sub, indent=1))
     return out
 
 
+def _same_vectors(layout_a: dict, layout_b: dict) -> bool:
+    """Two layouts describe the same flat vectors (token size aside)."""
+    return {**layout_a, "token_size": 0} == {**layout_b, "token_size": 0}
+
+
+def _current(man: dict) -> bool:
+    """The zoo was built for today's target architecture (targets change during development)."""
+    from tina.layout import layout_for
+    from tina.targets import ImageSpec
+
+    now = layout_for(man["target"], ImageSpec.from_dict(man["dataset"]["image"]), man["token_size"]).to_dict()
+    return _same_vectors(now, man["layout"])
+
+
 def _tiny_zoo(out: Path) -> Path:
+    from tina.data import read_manifest
+
     zoo = out / "tiny_zoo"
+    if (zoo / "manifest.json").is_file() and not _current(read_manifest(zoo)):
+        shutil.rmtree(zoo)  # built for an older architecture
     if not (zoo / "manifest.json").is_file():
         from zoo_builder.build import main as zoo_main  # benchmarks may use the builder; `tina` never does
 
@@ -107,10 +128,15 @@ def train_one(cfg: ScalingConfig, zoo: Path, size: str, name: str) -> tuple[Path
 
     run = Path(cfg.out) / "runs" / name
     bundle = run / "bundle"
-    if (bundle / "bundle.json").is_file():
+    if (bundle / "bundle.json").is_file():  # reuse a finished run of the same settings on the same vectors
+        from tina.data import read_manifest
+
         meta = json.loads((bundle / "bundle.json").read_text())
-        if meta.get("training", {}).get("steps") == cfg.steps:
-            return bundle, float(meta["training"].get("seconds", float("nan")))
+        t = meta.get("training", {})
+        if (t.get("steps") == cfg.steps and t.get("generator_size") == size and t.get("zoo_config_hash") ==
+                read_manifest(zoo).get("config_hash") and _same_vectors(json.loads((bundle / "layout.json").read_text()),
+                                                                        read_manifest(zoo)["layout"])):
+            return bundle, float(t.get("seconds", float("nan")))
     small = cfg.steps < 1000
     overrides = [f"zoo={zoo}", f"out={run}", f"generator.size={size}", f"trainer.max_steps={cfg.steps}",
                  f"trainer.batch_size={cfg.batch_size}", f"optim.warmup_steps={min(200, max(1, cfg.steps // 10))}",

@@ -2,6 +2,9 @@
 
     python -m benchmarks.train_throughput [--quick] [--sizes DiT-T DiT-S] [--batch-size 64] [--k 10] [--zoo ZOO]
 
+The default training config (configs/train/fashion_mnist.yaml) gives the generator size, token size and batch
+size measured first; without --quick the other sizes follow.
+
 Batches are synthetic but shaped exactly like training batches of the real layout (cnn-5k tokens, tasks
 of 2..k classes padded to k, the loss and optimiser of tina/lit_module.py), so data loading is left out;
 with --zoo the data pipeline (shards → examples → padded batches) is timed on its own. On a GPU the step
@@ -16,6 +19,7 @@ import argparse
 import json
 import logging
 import time
+from pathlib import Path
 
 import torch
 
@@ -103,7 +107,7 @@ def measure(size: str, batch_size: int = 64, k: int = 10, steps: int = 10, warmu
     return {
         "size": size, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "precision": "bf16-mixed" if bf16 else "32-true", "parameters": sum(p.numel() for p in dit.parameters()),
-        "batch_size": batch_size, "k": k, "tokens_per_sample": T, "steps_timed": steps,
+        "batch_size": batch_size, "k": k, "token_size": token_size, "tokens_per_sample": T, "steps_timed": steps,
         "step_seconds": round(sec, 4), "samples_per_s": round(batch_size / sec, 1),
         "tokens_per_s": round(batch_size * T / sec, 0), "real_tokens_per_s": round(b["real_tokens"] / sec, 0),
         "gflop_per_step": round(flops / 1e9, 2), "achieved_tflops": round(achieved / 1e12, 4),
@@ -131,13 +135,25 @@ def data_pipeline(zoo: str, batch_size: int = 64, batches: int = 20) -> dict:
     return {"zoo": str(zoo), "batch_size": batch_size, "samples_per_s": round(batches * batch_size / sec, 1)}
 
 
-def run(quick: bool = False, sizes: list[str] | None = None, batch_size: int = 64, k: int = 10, zoo: str | None = None,
-        device: str | None = None, peak_tflops: float | None = None) -> dict:
+TRAIN_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "train" / "fashion_mnist.yaml"
+
+
+def run(quick: bool = False, sizes: list[str] | None = None, batch_size: int | None = None, k: int = 10, zoo: str | None = None,
+        device: str | None = None, peak_tflops: float | None = None, train_config: str | Path = TRAIN_CONFIG) -> dict:
+    """The default training config's generator (size, token size, batch) first, then the other sizes."""
+    from tina.config import load_config
+    from tina.train import TrainConfig
+
+    tc = load_config(TrainConfig, train_config)
+    token_size = tc.token_size or 128  # 0 = the zoo's; zoo configs use 128
+    batch_size = batch_size or tc.trainer.batch_size
     on_gpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-    sizes = sizes or (["DiT-S"] if quick else (["DiT-T", "DiT-S", "DiT-M", "DiT-B"] if on_gpu else ["DiT-T", "DiT-S"]))
+    others = ["DiT-T", "DiT-S", "DiT-M", "DiT-B"] if on_gpu else ["DiT-T", "DiT-S"]
+    sizes = sizes or [tc.generator.size] + ([] if quick else [s for s in others if s != tc.generator.size])
     steps = (20 if on_gpu else 3) if quick else (50 if on_gpu else 10)
-    out = {"generator": [measure(s, batch_size, k, steps=steps, warmup=2 if quick else 3, device=device, peak_tflops=peak_tflops)
-                         for s in sizes]}
+    out = {"train_config": str(train_config), "generator": [
+        measure(s, batch_size, k, steps=steps, warmup=2 if quick else 3, device=device, token_size=token_size,
+                peak_tflops=peak_tflops) for s in sizes]}
     if zoo:
         out["data_pipeline"] = data_pipeline(zoo, batch_size, batches=5 if quick else 20)
     out["peak_rss_mb"] = peak_rss_mb()
@@ -148,7 +164,7 @@ def run(quick: bool = False, sizes: list[str] | None = None, batch_size: int = 6
 def rows(r: dict) -> list[tuple[str, object]]:
     out = []
     for g in r["generator"]:
-        p = f"{g['size']} ({g['parameters'] / 1e6:.2f}M, batch {g['batch_size']}, k={g['k']}, {g['precision']})"
+        p = f"{g['size']} ({g['parameters'] / 1e6:.2f}M, batch {g['batch_size']}, k={g['k']}, C={g['token_size']}, {g['precision']})"
         out += [(f"{p}: samples/s", g["samples_per_s"]), (f"{g['size']}: tokens/s", g["tokens_per_s"]),
                 (f"{g['size']}: TFLOP/s achieved", g["achieved_tflops"])]
         if g["mfu"] is not None:
@@ -165,14 +181,15 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.train_throughput", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sizes", nargs="+")
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, help="default: the train config's")
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--zoo")
     ap.add_argument("--device")
     ap.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, where PEAK_TFLOPS lacks it")
+    ap.add_argument("--train-config", default=str(TRAIN_CONFIG), help="whose generator size, token size and batch are measured")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
-    r = run(args.quick, args.sizes, args.batch_size, args.k, args.zoo, args.device, args.peak_tflops)
+    r = run(args.quick, args.sizes, args.batch_size, args.k, args.zoo, args.device, args.peak_tflops, args.train_config)
     print_table("generator training throughput", rows(r))
     if args.json:
         with open(args.json, "w") as f:
