@@ -138,6 +138,7 @@ def save_generic(zoo: Path, net: TargetNet, metrics: dict) -> None:
     """Weights first, metrics last (atomically): generic.json present means the weights are complete."""
     tmp = zoo / (GENERIC_WEIGHTS + ".tmp")
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp))
+    os.chmod(tmp, 0o644)  # safetensors writes 0600; the zoo is read by other users and tools
     os.replace(tmp, zoo / GENERIC_WEIGHTS)
     tmp = zoo / (GENERIC_METRICS + ".tmp")
     tmp.write_text(json.dumps(metrics, indent=1))

@@ -83,6 +83,7 @@ def write_vocab(zoo: Path, classes: list[str], encoder, class_variants) -> dict[
     vocab["names"] = vocab["variants"][:, 0].contiguous()  # variant 0 is the plain name
     tmp = zoo / (VOCAB + ".tmp")
     save_file(vocab, str(tmp), metadata={"text_encoder": encoder.name, "classes": json.dumps(classes)})
+    os.chmod(tmp, 0o644)  # safetensors writes 0600
     os.replace(tmp, zoo / VOCAB)
     return vocab
 
