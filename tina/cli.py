@@ -52,7 +52,8 @@ def cmd_generate(args) -> int:
 
     if args.prompt is None and not args.classes and not args.image:
         raise TinaError('give a prompt, e.g. tina generate "classify sneakers vs sandals", or --classes A B')
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     tina = Tina.from_pretrained(args.checkpoint, device=args.device)
     images = _parse_image_prompts(args.image, tina.bundle.image) if args.image else None
     task = tina.make_task(args.prompt, args.classes, images)
@@ -149,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sampler", choices=SAMPLERS, default=None)
     g.add_argument("--device", default="cpu")
     g.add_argument("--format", nargs="+", default=["pt2"], choices=["pt2", "onnx"], help="export formats")
+    g.add_argument("--threads", type=int, default=1,
+                   help="CPU threads (default 1: one small model samples fastest single-threaded; 0 = torch's default)")
     g.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("predict", help="classify images with a generated model folder")
@@ -176,9 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
-    if argv and argv[0] in DELEGATED:  # these parse their own arguments (argparse REMAINDER drops --help)
-        args = parser.parse_args([argv[0]])
-        args.rest = argv[1:]
+    flags = [a for a in argv[: next((i for i, a in enumerate(argv) if not a.startswith("-")), len(argv))]]
+    rest = argv[len(flags):]
+    if rest and rest[0] in DELEGATED:  # these parse their own arguments (argparse REMAINDER drops --help)
+        args = parser.parse_args([*flags, rest[0]])
+        args.rest = rest[1:]
     else:
         args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
