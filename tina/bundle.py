@@ -96,6 +96,7 @@ def save_bundle(bundle: Bundle, path: str | os.PathLike, config_yaml: str | None
         (tmp / "vocab.json").write_text(json.dumps(bundle.vocab, indent=1))
         if config_yaml is not None:
             (tmp / "config.yaml").write_text(config_yaml)
+        publish_permissions(tmp)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -103,6 +104,13 @@ def save_bundle(bundle: Bundle, path: str | os.PathLike, config_yaml: str | None
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def publish_permissions(folder: Path) -> None:
+    """mkdtemp makes 0700 folders and safetensors 0600 files; finished folders are ordinary (0755/0644)."""
+    os.chmod(folder, 0o755)
+    for f in folder.iterdir():
+        os.chmod(f, 0o644)
 
 
 def _read_json(path: Path) -> dict | list:

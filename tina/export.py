@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from tina.bundle import publish_permissions
 from tina.errors import TinaError
 from tina.targets import ImageSpec, TargetNet, get_target
 
@@ -67,6 +68,7 @@ def save_generated(net: TargetNet, folder: str | os.PathLike, formats: tuple[str
             torch.export.save(export_program(net), tmp / "model.pt2")
         if "onnx" in formats:
             _save_onnx(net, tmp / "model.onnx")
+        publish_permissions(tmp)
         if folder.exists():
             if not (folder / "config.json").is_file():
                 raise TinaError(f"{folder} exists and is not a Tina model folder; choose another --output")
