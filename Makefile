@@ -42,7 +42,7 @@ checkpoint: zoo train
 	$(PYTHON) -m tina.projector runs/fashion_mnist/bundle
 	$(PYTHON) -m tina.bundle runs/fashion_mnist/bundle tina/checkpoints/default --half
 eval:
-	tina eval --checkpoint runs/fashion_mnist/bundle --zoo zoos/fashion_mnist --out outputs/eval
+	tina eval configs/eval/fashion_mnist.yaml --checkpoint default
 bench:
 	$(PYTHON) -m benchmarks --json outputs/benchmarks.json
 demo:

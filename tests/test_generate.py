@@ -92,3 +92,27 @@ def test_bundle_checks(random_generator, tmp_path):
         load_bundle(corrupt)
     with pytest.raises(TinaError, match="does not exist|unknown checkpoint"):
         Tina.from_pretrained(tmp_path / "nope")
+
+
+def test_shipped_default_generates_accurate_models(tmp_path):
+    """The checkpoint in the repository: a real prompt gives a model that works on real images."""
+    from tina.accuracy import accuracy, task_test_set
+
+    try:
+        from tina.datasets import load_dataset
+
+        ds = load_dataset("fashion-mnist")
+    except TinaError as e:
+        pytest.skip(str(e))
+    t = Tina.from_pretrained("default")
+    assert t.bundle.k_max >= 10 and t.bundle.projector  # image prompts ship with it
+    sneaker, sandal = ds.classes.index("sneaker"), ds.classes.index("sandal")
+    model = t.generate("classify sneakers vs sandals")
+    x, y = task_test_set(ds, [sneaker, sandal], per_class=300)
+    assert accuracy(model, x, y) > 0.9
+    # any order: the reversed prompt gives the reversed outputs, just as accurate
+    rev = t.generate("sandals vs sneakers")
+    x2, y2 = task_test_set(ds, [sandal, sneaker], per_class=300)
+    assert accuracy(rev, x2, y2) > 0.9
+    # text steers the weights: swapping the meaning of the outputs must destroy accuracy
+    assert accuracy(model, x, 1 - y) < 0.2
