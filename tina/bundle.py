@@ -19,14 +19,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from tina.atomic import atomic_folder
 from tina.errors import TinaError
 from tina.layout import ParamLayout
 from tina.model import DiT, DiTConfig
@@ -69,10 +68,7 @@ def save_bundle(bundle: Bundle, path: str | os.PathLike, config_yaml: str | None
     `weights_dtype=torch.float16` halves the generator's size on disk (the shipped default uses it);
     loading always computes in float32.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_folder(path) as tmp:
         tensors = {f"dit.{k}": v.detach().to(weights_dtype).contiguous() for k, v in bundle.dit.state_dict().items()}
         tensors |= {f"layout.{k}": v.contiguous() for k, v in bundle.layout.stats().items()}
         tensors |= {f"base.{k}": v.detach().contiguous() for k, v in bundle.base.items()}
@@ -96,21 +92,7 @@ def save_bundle(bundle: Bundle, path: str | os.PathLike, config_yaml: str | None
         (tmp / "vocab.json").write_text(json.dumps(bundle.vocab, indent=1))
         if config_yaml is not None:
             (tmp / "config.yaml").write_text(config_yaml)
-        publish_permissions(tmp)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
-
-
-def publish_permissions(folder: Path) -> None:
-    """mkdtemp makes 0700 folders and safetensors 0600 files; finished folders are ordinary (0755/0644)."""
-    os.chmod(folder, 0o755)
-    for f in folder.iterdir():
-        os.chmod(f, 0o644)
+    return Path(path)
 
 
 def _read_json(path: Path) -> dict | list:

@@ -16,15 +16,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from tina.bundle import publish_permissions
+from tina.atomic import atomic_folder
 from tina.errors import TinaError
 from tina.targets import ImageSpec, TargetNet, get_target
 
@@ -43,12 +41,9 @@ def export_program(net: TargetNet) -> torch.export.ExportedProgram:
 def save_generated(net: TargetNet, folder: str | os.PathLike, formats: tuple[str, ...] = ("pt2",)) -> Path:
     """Write the model folder atomically (temporary folder, then rename)."""
     folder = Path(folder)
-    try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    except OSError as e:
-        raise TinaError(f"cannot write the model to {str(folder)!r}: {e.strerror}") from None
-    try:
+    if folder.exists() and not (folder / "config.json").is_file():
+        raise TinaError(f"{folder} exists and is not a Tina model folder; choose another --output")
+    with atomic_folder(folder) as tmp:
         info = dict(getattr(net, "tina_info", {}))
         config = {
             "format": MODEL_FORMAT,
@@ -68,15 +63,6 @@ def save_generated(net: TargetNet, folder: str | os.PathLike, formats: tuple[str
             torch.export.save(export_program(net), tmp / "model.pt2")
         if "onnx" in formats:
             _save_onnx(net, tmp / "model.onnx")
-        publish_permissions(tmp)
-        if folder.exists():
-            if not (folder / "config.json").is_file():
-                raise TinaError(f"{folder} exists and is not a Tina model folder; choose another --output")
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 
