@@ -9,6 +9,7 @@ in the paper (eps and v available). A scheduler holds state, so every request bu
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +52,13 @@ def scheduler_config(cfg: DiffusionConfig) -> dict:
     ).config)
 
 
+def _from_config(cls, config: dict, **overrides):
+    """cls(**config) keeping the keys cls takes. diffusers' own `from_config` first imports every
+    "compatible" scheduler class (scipy among them), which costs most of a second per cold start."""
+    params = inspect.signature(cls.__init__).parameters
+    return cls(**{k: v for k, v in {**config, **overrides}.items() if k in params})
+
+
 def make_scheduler(config: dict, sampler: str = "ddpm"):
     """A fresh scheduler of the given kind from a saved DDPM config.
 
@@ -60,16 +68,16 @@ def make_scheduler(config: dict, sampler: str = "ddpm"):
     if sampler == "ddpm":
         from diffusers import DDPMScheduler
 
-        return DDPMScheduler.from_config(config)
+        return _from_config(DDPMScheduler, config)
     if sampler == "ddim":
         from diffusers import DDIMScheduler
 
-        return DDIMScheduler.from_config(config, clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing")
+        return _from_config(DDIMScheduler, config, clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing")
     if sampler == "dpm":
         from diffusers import DPMSolverMultistepScheduler
 
-        return DPMSolverMultistepScheduler.from_config(
-            config, algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="trailing", final_sigmas_type="zero"
+        return _from_config(
+            DPMSolverMultistepScheduler, config, algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="trailing", final_sigmas_type="zero"
         )
     raise TinaError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
 
