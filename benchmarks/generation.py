@@ -57,7 +57,7 @@ def _checkpoint(checkpoint: str | None, tmp: Path, notes: list[str]) -> str:
 
 def _zoo_task(zoo: str | None, bundle) -> tuple[str | None, dict | None]:
     """The zoo (argument or the checkpoint's training record) and its first held-out task."""
-    from tina.data import load_split, read_manifest
+    from tina.data import load_split
 
     zoo = zoo or bundle.meta.get("training", {}).get("zoo")
     if not zoo or not (Path(zoo) / "manifest.json").is_file():

@@ -107,8 +107,7 @@ class TinaLitModule(L.LightningModule):
 def validate_generated(dit, layout, sched_config, models: list[dict], dataset, target: str, cfg: ValConfig,
                        diffusion: DiffusionConfig, base=None) -> dict:
     """Generate the given zoo tasks from their class names; mean accuracy vs oracle and selection."""
-    from tina.sample import build_model
-    from tina.bundle import Bundle
+    from tina.sample import assemble
 
     dit.eval()
     device = next(dit.parameters()).device
@@ -124,15 +123,13 @@ def validate_generated(dit, layout, sched_config, models: list[dict], dataset, t
     noise = torch.randn(len(models), dit.num_tokens(K), layout.token_size, generator=gen)
     tokens = sample_tokens(dit, sched_config, cond.to(device), mask.to(device), sampler=diffusion.sampler,
                            steps=diffusion.steps, guidance=diffusion.guidance, noise=noise.to(device)).float().cpu()
-    shell = Bundle(dit=dit, layout=layout, scheduler_config=sched_config, target=target, image=dataset.image,
-                   dataset=dataset.name, text_encoder="", k_max=K, vocab=[], vocab_emb=torch.zeros(0, E), base=base or {})
     gen_acc, oracle, select = [], [], []
     for i, m in enumerate(models):
         k = len(m["classes"])
         flat = layout.denormalize(layout.detokenize(tokens[i, : layout.num_tokens(k)], k), k)
         x, y = task_test_set(dataset, m["class_ids"], cfg.images_per_class)
         try:
-            net = build_model(shell, flat, m["classes"])
+            net = assemble(target, dataset.image, layout, flat, m["classes"], base)
             gen_acc.append(accuracy(net, x, y))
         except Exception:  # noqa: BLE001 - NaN weights early in training count as chance
             gen_acc.append(1.0 / k)

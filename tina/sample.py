@@ -55,12 +55,17 @@ class Task:
 
 def build_model(bundle: Bundle, flat: torch.Tensor, classes: list[str]) -> TargetNet:
     """A TargetNet carrying generated weights (+ the bundle's frozen base weights), loaded strictly."""
+    return assemble(bundle.target, bundle.image, bundle.layout, flat, classes, bundle.base)
+
+
+def assemble(target: str, image, layout, flat: torch.Tensor, classes: list[str], base: dict | None = None) -> TargetNet:
+    """Generated flat vector (+ frozen base weights) → a strictly loaded TargetNet with `.classes`."""
     if not torch.isfinite(flat).all():
         bad = (~torch.isfinite(flat)).sum().item()
         raise TinaError(f"the generated weights contain {bad} NaN/Inf values; try another --seed or fewer --guidance")
     k = len(classes)
-    net = get_target(bundle.target).build(k, bundle.image)
-    state = bundle.layout.unflatten(flat.float().cpu(), k) | bundle.base
+    net = get_target(target).build(k, image)
+    state = layout.unflatten(flat.float().cpu(), k) | (base or {})
     net.load_state_dict(state, strict=True)
     net.classes = list(classes)
     return net.eval()

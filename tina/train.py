@@ -18,7 +18,6 @@ import torch
 from tina.config import load_config, save_config
 from tina.data import AugmentConfig, ZooDataModule, fit_layout_stats, layout_from_manifest, load_split, read_manifest
 from tina.diffusion import DiffusionConfig
-from tina.errors import TinaError
 from tina.layout import ParamLayout
 from tina.lit_module import OptimConfig, TinaLitModule, ValConfig, validate_generated
 from tina.model import DIT_SIZES, build_dit
@@ -180,5 +179,3 @@ def main(argv: list[str]) -> int:
     print(f"generator bundle: {path}")
     return 0
 
-
-__all__ = ["TrainConfig", "train", "main", "TinaError"]
