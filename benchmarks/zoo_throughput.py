@@ -9,9 +9,13 @@ training FLOPs = 3 x forward), next to this machine's measured 2048x2048 float32
 Rows:
   batched (W workers x 1 thread)   zoo_builder.fit as the build runs it: groups on worker threads
   batched (1 worker x T threads)   one group at a time, torch's intra-op threads
+  batched bf16 (W workers x 1 thread)  the convolutions in bfloat16 (finetune.precision=bf16; oneDNN's
+                                   AVX512-BF16 matmuls), float32 master weights, head and Adam
   loop, nn.Module (NCHW)           TargetNet + torch.optim.Adam per model, torch defaults
   loop, nn.Module (channels-last)  the same with channels-last tensors (oneDNN's fast path)
   loop, nn.Module (NCHW, 1 thread)  the plain loop without intra-op threads
+  loop, nn.Module (bf16 autocast)  the plain loop under torch.autocast("cpu", bfloat16): the fair
+                                   baseline for the bf16 row
 "speedup" is against the plain loop (NCHW, torch's default threads). On a shared machine the
 wall-clock columns depend on the load; GFLOP per CPU-second does much less.
 """
@@ -61,9 +65,9 @@ def tasks_for(models: int, k: int, num_classes: int = 10) -> list[list[int]]:
     return [[(i + j) % num_classes for j in range(k)] for i in range(models)]
 
 
-def run_batched(data, init, tasks, steps, batch, group_size, workers, threads, per_call) -> float:
+def run_batched(data, init, tasks, steps, batch, group_size, workers, threads, per_call, dtype=torch.float32) -> float:
     """Seconds to fine-tune every task with zoo_builder.fit (training only, no evaluation)."""
-    net = fit.StackedCNN5k(1, 28)
+    net = fit.StackedCNN5k(1, 28, dtype)
     groups = [tasks[lo : lo + group_size] for lo in range(0, len(tasks), group_size)]
 
     def one(j):
@@ -84,7 +88,7 @@ def run_batched(data, init, tasks, steps, batch, group_size, workers, threads, p
     return time.perf_counter() - t0
 
 
-def run_loop(data, init, tasks, steps, batch, threads, channels_last: bool) -> float:
+def run_loop(data, init, tasks, steps, batch, threads, channels_last: bool, bf16: bool = False) -> float:
     """Seconds for the same work as plain nn.Module training, one model after another."""
     torch.set_num_threads(threads)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -99,7 +103,8 @@ def run_loop(data, init, tasks, steps, batch, threads, channels_last: bool) -> f
         for _ in range(steps):
             idx, y = fit.sample_batch(data, ids, ks, batch, gen)
             x = data.train[idx[0]].permute(0, 3, 1, 2).float().div_(255.0).contiguous(memory_format=fmt)
-            loss = F.cross_entropy(net(x), y[0])
+            with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+                loss = F.cross_entropy(net(x).float(), y[0])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -137,13 +142,17 @@ def main(argv=None) -> dict:
     runs = {
         f"batched ({T} workers x 1 thread)": lambda: run_batched(data, init, tasks, args.steps, args.batch, args.group_size, T, 1, per_call),
         f"batched (1 worker x {T} threads)": lambda: run_batched(data, init, tasks, args.steps, args.batch, args.group_size, 1, T, per_call),
+        f"batched bf16 ({T} workers x 1 thread)": lambda: run_batched(data, init, tasks, args.steps, args.batch, args.group_size, T, 1,
+                                                                      per_call, torch.bfloat16),
         "loop, nn.Module (NCHW)": lambda: run_loop(data, init, tasks, args.steps, args.batch, T, False),
         "loop, nn.Module (channels-last)": lambda: run_loop(data, init, tasks, args.steps, args.batch, T, True),
         "loop, nn.Module (NCHW, 1 thread)": lambda: run_loop(data, init, tasks, args.steps, args.batch, 1, False),
+        "loop, nn.Module (bf16 autocast)": lambda: run_loop(data, init, tasks, args.steps, args.batch, T, False, bf16=True),
     }  # fmt: skip
     # Warm up every path on a little work, then time each once at full size.
     small = tasks[:2]
     run_batched(data, init, small, 2, args.batch, args.group_size, 1, T, per_call)
+    run_batched(data, init, small, 2, args.batch, args.group_size, 1, T, per_call, torch.bfloat16)
     run_loop(data, init, small, 2, args.batch, T, False)
     rows = []
     for name, fn in runs.items():
@@ -165,9 +174,9 @@ def main(argv=None) -> dict:
     }  # fmt: skip
     print(f"cnn-5k fine-tuning, {args.models} models x {args.steps} steps x batch {args.batch} (k={args.k}), "
           f"{work / 1e9:.0f} GFLOP; 2048^2 matmul: {mm:.0f} GFLOP/s; load avg {os.getloadavg()[0]:.1f}")  # fmt: skip
-    print(f"{'trainer':36s} {'seconds':>8s} {'models/min':>11s} {'GFLOP/s':>8s} {'vs loop':>8s} {'cpu s':>7s} {'GFLOP/cpu-s':>12s}")
+    print(f"{'trainer':40s} {'seconds':>8s} {'models/min':>11s} {'GFLOP/s':>8s} {'vs loop':>8s} {'cpu s':>7s} {'GFLOP/cpu-s':>12s}")
     for r in rows:
-        print(f"{r['name']:36s} {r['seconds']:8.2f} {r['models_per_minute']:11.1f} {r['gflops']:8.1f} "
+        print(f"{r['name']:40s} {r['seconds']:8.2f} {r['models_per_minute']:11.1f} {r['gflops']:8.1f} "
               f"{r['speedup_vs_loop']:7.2f}x {r['cpu_seconds']:7.2f} {r['gflop_per_cpu_second']:12.1f}")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

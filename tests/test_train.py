@@ -43,7 +43,9 @@ def test_training_writes_a_loadable_bundle_with_metrics(tiny_run):
     for key in ("gen_acc", "oracle_acc", "selection_acc", "gain_captured"):
         assert key in meta["metrics"]
     assert (tiny_run / "config.yaml").is_file() and (bundle / "config.yaml").is_file()
-    model = Tina.from_pretrained(bundle).generate("coat vs bag", steps=3)
+    tina = Tina.from_pretrained(bundle)
+    assert tina.bundle.anchor is not None and tina.bundle.anchor.num_classes == 10  # residual=true by default
+    model = tina.generate("coat vs bag", steps=3)
     assert model(torch.rand(2, 1, 28, 28)).shape == (2, 2)
 
 

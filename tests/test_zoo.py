@@ -102,6 +102,50 @@ def test_batched_cnn_equals_per_model_training(channels, size):
         torch.testing.assert_close(logits[i, :, : ks[i]], n(x), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_conv_input_gradient_matches_autograd(dtype):
+    """Both input-gradient paths (float32: row partial sums; bf16: im2col of dZ) equal conv2d's backward."""
+    G, B, H, W, Cin, Co = 2, 3, 7, 7, 8, 16
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(G, B, Cin, H, W, generator=gen, requires_grad=True)
+    w = torch.randn(G, Co, Cin, 3, 3, generator=gen)
+    dZ = torch.randn(G, B, Co, H, W, generator=gen)
+    for g in range(G):
+        (F.conv2d(x[g], w[g], padding=1) * dZ[g]).sum().backward()
+    stacked_w = w.permute(0, 3, 4, 2, 1).reshape(G, 9 * Cin, Co)  # (G, (dy, dx, c), o)
+    flat_dZ = dZ.permute(0, 1, 3, 4, 2).reshape(G, B * H * W, Co)
+    got = fit._conv3_input_grad(flat_dZ.to(dtype), stacked_w.to(dtype), B, H, W).float()  # (G*B, H, W, Cin)
+    ref = x.grad.reshape(G * B, Cin, H, W).permute(0, 2, 3, 1)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert ((got - ref).norm() / ref.norm()).item() < tol
+
+
+def test_bf16_batched_training_tracks_float32():
+    """precision=bf16: same losses as float32 to bf16 accuracy, and the models learn as well."""
+    image = ImageSpec(1, 28, (0.3,), (0.35,))
+    ks, B, steps = [2, 4, 3], 32, 30
+    runs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        nets = _nets(ks, image)
+        net = fit.StackedCNN5k(1, 28, dtype)
+        params = net.pack([n.state_dict() for n in nets], max(ks))
+        trainer = fit.StackedTrainer(net, params, torch.arange(max(ks))[None] < torch.tensor(ks)[:, None], lr=3e-3)
+        gen = torch.Generator().manual_seed(0)
+        losses = []
+        for _ in range(steps):
+            y = torch.stack([torch.randint(0, k, (B,), generator=gen) for k in ks])
+            x = torch.rand(len(ks), B, 28, 28, 1, generator=gen) * 0.5
+            for i in range(4):  # class c lights up its own horizontal band
+                x[..., 7 * i : 7 * i + 7, :, :] += (y == i).float()[..., None, None, None]
+            losses.append(trainer.step(x, y))
+        assert all(p.dtype == torch.float32 for p in params.values())  # master weights stay float32
+        runs[dtype] = torch.stack(losses)
+    f32, b16 = runs[torch.float32], runs[torch.bfloat16]
+    torch.testing.assert_close(b16[0], f32[0], atol=2e-2, rtol=2e-2)
+    assert (b16[-5:].mean(0) < 0.5 * b16[:3].mean(0)).all()  # learned
+    assert (b16[-5:].mean(0) - f32[-5:].mean(0)).abs().max() < 0.1
+
+
 def test_batched_linear_heads_equal_per_model_training():
     D, ks, B = 16, [4, 2, 7], 10
     torch.manual_seed(0)

@@ -8,7 +8,8 @@
       scheduler_config.json  the diffusers DDPM config every sampler is built from
       weights.safetensors    EMA generator weights ("dit.*"), layout statistics ("layout.*"),
                              frozen base weights ("base.*", timm targets), vocabulary text
-                             embeddings ("vocab.names"), image projector ("projector.*", optional)
+                             embeddings ("vocab.names"), image projector ("projector.*", optional),
+                             classifier-selection anchor ("anchor.*", when the DiT generates residuals)
       vocab.json             class names of the vocabulary, in the order of vocab.names
 
 Nothing is unpickled: safetensors and JSON only.
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from tina.anchor import SelectionAnchor
 from tina.atomic import atomic_folder
 from tina.errors import TinaError
 from tina.layout import ParamLayout
@@ -53,6 +55,7 @@ class Bundle:
     base: dict[str, torch.Tensor] = field(default_factory=dict)  # frozen (non-generated) weights
     projector: dict[str, torch.Tensor] = field(default_factory=dict)  # image → text-embedding projector
     projector_config: dict = field(default_factory=dict)
+    anchor: SelectionAnchor | None = None  # generated vectors are residuals from this (tina/anchor.py)
     meta: dict = field(default_factory=dict)  # the rest of bundle.json (metrics, sampling defaults...)
     path: Path | None = None
 
@@ -73,6 +76,8 @@ def save_bundle(bundle: Bundle, path: str | os.PathLike, config_yaml: str | None
         tensors |= {f"layout.{k}": v.contiguous() for k, v in bundle.layout.stats().items()}
         tensors |= {f"base.{k}": v.detach().contiguous() for k, v in bundle.base.items()}
         tensors |= {f"projector.{k}": v.detach().contiguous() for k, v in bundle.projector.items()}
+        if bundle.anchor is not None:
+            tensors |= {f"anchor.{k}": v for k, v in bundle.anchor.tensors().items()}
         tensors["vocab.names"] = bundle.vocab_emb.float().contiguous()
         save_file(tensors, tmp / "weights.safetensors")
         meta = {
@@ -85,7 +90,8 @@ def save_bundle(bundle: Bundle, path: str | os.PathLike, config_yaml: str | None
             "dit": asdict(bundle.dit.cfg),
             "k_max": bundle.k_max,
             "projector": bundle.projector_config,
-        } | {k: v for k, v in bundle.meta.items() if k not in ("format",)}
+            "anchor": None if bundle.anchor is None else {"kind": "selection", "temperature": bundle.anchor.temperature},
+        } | {k: v for k, v in bundle.meta.items() if k not in ("format", "anchor")}
         (tmp / "bundle.json").write_text(json.dumps(meta, indent=2))
         (tmp / "layout.json").write_text(json.dumps(bundle.layout.to_dict(), indent=2))
         (tmp / "scheduler_config.json").write_text(json.dumps(bundle.scheduler_config, indent=2, default=str))
@@ -140,7 +146,14 @@ def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu", tex
     vocab_emb = tensors["vocab.names"]
     if len(vocab) != vocab_emb.shape[0]:
         raise TinaError(f"{path}: vocab.json has {len(vocab)} names but {vocab_emb.shape[0]} embeddings")
-    known = {"format", "target", "dataset", "image", "text_encoder", "layout_fingerprint", "dit", "k_max", "projector"}
+    anchor = None
+    if meta.get("anchor"):
+        if meta["anchor"].get("kind") != "selection":
+            raise TinaError(f"{path}: unknown anchor kind {meta['anchor'].get('kind')!r} (this Tina knows 'selection')")
+        anchor = SelectionAnchor.from_tensors(layout, group("anchor"), meta["anchor"].get("temperature", 0.02))
+        if anchor.num_classes != len(vocab):
+            raise TinaError(f"{path}: the anchor has {anchor.num_classes} class rows but the vocabulary {len(vocab)} names")
+    known = {"format", "target", "dataset", "image", "text_encoder", "layout_fingerprint", "dit", "k_max", "projector", "anchor"}
     return Bundle(
         dit=dit,
         layout=layout,
@@ -155,6 +168,7 @@ def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu", tex
         base=group("base"),
         projector=group("projector"),
         projector_config=meta.get("projector") or {},
+        anchor=anchor,
         meta={k: v for k, v in meta.items() if k not in known},
         path=path,
     )

@@ -97,7 +97,8 @@ def cmd_info(args) -> int:
     b = load_bundle(path)
     info = {"path": str(path), "target": b.target, "dataset": b.dataset, "text_encoder": b.text_encoder,
             "layout_fingerprint": b.fingerprint, "k_max": b.k_max, "vocabulary": b.vocab,
-            "generator_parameters": sum(p.numel() for p in b.dit.parameters()), "image_prompts": bool(b.projector), **b.meta}
+            "generator_parameters": sum(p.numel() for p in b.dit.parameters()), "image_prompts": bool(b.projector),
+            "generates": "residual from classifier selection" if b.anchor is not None else "whole weights", **b.meta}
     print(json.dumps(info, indent=2))
     return 0
 

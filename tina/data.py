@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from tina.anchor import SelectionAnchor
 from tina.errors import TinaError
 from tina.layout import ParamLayout
 
@@ -81,8 +82,11 @@ class AugmentConfig:
     name_prob: float = 0.5  # probability a class is given by its plain name; else a random variant
 
 
-def make_example(params: torch.Tensor, emb: torch.Tensor, layout: ParamLayout, aug: AugmentConfig, rng: random.Random) -> dict:
-    """One model → x0 tokens (T, C), element mask (T, C) and per-class text (k, E)."""
+def make_example(params: torch.Tensor, emb: torch.Tensor, layout: ParamLayout, aug: AugmentConfig, rng: random.Random,
+                 anchor: SelectionAnchor | None = None, class_ids: list[int] | None = None) -> dict:
+    """One model → x0 tokens (T, C), element mask (T, C) and per-class text (k, E).
+
+    With an anchor, x0 is the residual from classifier selection of `class_ids` (tina/anchor.py)."""
     k, V, _ = emb.shape
     order = list(range(k))
     if aug.permute_classes:
@@ -90,6 +94,8 @@ def make_example(params: torch.Tensor, emb: torch.Tensor, layout: ParamLayout, a
     perm = torch.tensor(order)
     rows = params[layout.body_size :].reshape(k, layout.head_dim)[perm]
     flat = torch.cat([params[: layout.body_size], rows.reshape(-1)])
+    if anchor is not None:
+        flat = flat - anchor.origin(torch.as_tensor(class_ids)[perm])
     variant = torch.tensor([0 if rng.random() < aug.name_prob else rng.randrange(V) for _ in range(k)])
     cond = emb[perm, variant]  # (k, E)
     cond = cond / cond.norm(dim=-1, keepdim=True).clamp_min(1e-6)  # re-normalise after float16 storage
@@ -120,8 +126,10 @@ class ZooStream(torch.utils.data.IterableDataset):
     worker resamples shards at random (so a small zoo still feeds many GPUs without a hang).
     """
 
-    def __init__(self, urls: list[str], layout: ParamLayout, aug: AugmentConfig, seed: int, shuffle_buffer: int = 500):
+    def __init__(self, urls: list[str], layout: ParamLayout, aug: AugmentConfig, seed: int, shuffle_buffer: int = 500,
+                 anchor: SelectionAnchor | None = None):
         self.urls, self.layout, self.aug, self.seed, self.shuffle_buffer = urls, layout, aug, seed, shuffle_buffer
+        self.anchor = anchor
 
     def _pipeline(self):
         info = torch.utils.data.get_worker_info()
@@ -143,7 +151,7 @@ class ZooStream(torch.utils.data.IterableDataset):
         for s in self._pipeline():
             params = torch.from_numpy(np.asarray(s["params.npy"], dtype=np.float32))
             emb = torch.from_numpy(np.asarray(s["emb.npy"], dtype=np.float32))
-            yield make_example(params, emb, self.layout, self.aug, rng)
+            yield make_example(params, emb, self.layout, self.aug, rng, self.anchor, s["classes.json"]["ids"])
 
 
 def layout_from_manifest(man: dict) -> ParamLayout:
@@ -153,21 +161,37 @@ def layout_from_manifest(man: dict) -> ParamLayout:
     return layout
 
 
-def fit_layout_stats(zoo: str | Path, layout: ParamLayout, limit: int = 4000) -> None:
-    """Normalisation statistics from (up to `limit` of) the zoo's training models."""
+def fit_layout_stats(zoo: str | Path, layout: ParamLayout, limit: int = 4000, anchor: SelectionAnchor | None = None) -> None:
+    """Normalisation statistics from (up to `limit` of) the zoo's training models (their residuals
+    from classifier selection when there is an anchor)."""
     models = load_split(zoo, "train", limit=limit)
     if not models:
         raise TinaError(f"zoo {zoo} has no training models")
-    layout.fit_stats([m["params"] for m in models])
+    if anchor is None:
+        layout.fit_stats([m["params"] for m in models])
+    else:
+        layout.fit_stats([m["params"] - anchor.origin(m["class_ids"]) for m in models])
+
+
+def load_anchor(zoo: str | Path, layout: ParamLayout) -> SelectionAnchor:
+    """Classifier selection from the zoo's generic model (generic.safetensors)."""
+    from safetensors.torch import load_file
+
+    path = Path(zoo) / "generic.safetensors"
+    if not path.is_file():
+        raise TinaError(f"{path} is missing: residual training needs the zoo's generic model (or set residual=false)")
+    return SelectionAnchor.from_generic(layout, load_file(path))
 
 
 class ZooDataModule(L.LightningDataModule):
     """Train: the endless shard stream (global batch split across ranks). Val: one dummy batch that
     triggers the generated-accuracy validation in the LightningModule."""
 
-    def __init__(self, zoo: str | Path, layout: ParamLayout, aug: AugmentConfig, batch_size: int, workers: int = 0, seed: int = 0):
+    def __init__(self, zoo: str | Path, layout: ParamLayout, aug: AugmentConfig, batch_size: int, workers: int = 0, seed: int = 0,
+                 anchor: SelectionAnchor | None = None):
         super().__init__()
         self.zoo, self.layout, self.aug, self.batch_size, self.workers, self.seed = Path(zoo), layout, aug, batch_size, workers, seed
+        self.anchor = anchor
         self.urls = shard_urls(zoo, read_manifest(zoo), "train")
         if not self.urls:
             raise TinaError(f"zoo {zoo} lists no train shards")
@@ -176,7 +200,7 @@ class ZooDataModule(L.LightningDataModule):
         world = self.trainer.world_size if self.trainer is not None else 1
         per_rank = max(1, self.batch_size // world)
         return torch.utils.data.DataLoader(
-            ZooStream(self.urls, self.layout, self.aug, self.seed), batch_size=per_rank, num_workers=self.workers,
+            ZooStream(self.urls, self.layout, self.aug, self.seed, anchor=self.anchor), batch_size=per_rank, num_workers=self.workers,
             collate_fn=functools.partial(collate, layout=self.layout), persistent_workers=self.workers > 0,
         )
 

@@ -45,7 +45,8 @@ class TinaLitModule(L.LightningModule):
     """Trains a DiT on zoo examples; keeps an EMA copy used for validation and export."""
 
     def __init__(self, dit: DiT, layout: ParamLayout, diffusion: DiffusionConfig, optim: OptimConfig, max_steps: int,
-                 val: ValConfig | None = None, val_models: list[dict] | None = None, dataset=None, target: str | None = None):
+                 val: ValConfig | None = None, val_models: list[dict] | None = None, dataset=None, target: str | None = None,
+                 anchor=None):
         super().__init__()
         self.dit = dit
         self.ema = copy.deepcopy(dit).requires_grad_(False)
@@ -53,6 +54,7 @@ class TinaLitModule(L.LightningModule):
         self.sched_config = scheduler_config(diffusion)
         self.scheduler = make_scheduler(self.sched_config, "ddpm")
         self.val_cfg, self.val_models, self.dataset, self.target = val, val_models or [], dataset, target
+        self.anchor = anchor  # tina.anchor.SelectionAnchor when the DiT generates residuals
 
     def training_step(self, batch, batch_idx):
         loss = training_loss(self.dit, self.scheduler, batch["x0"], batch["elem_mask"], batch["cond"], batch["cond_mask"],
@@ -97,7 +99,7 @@ class TinaLitModule(L.LightningModule):
         if not self.val_models or self.dataset is None or self.trainer.sanity_checking:
             return
         metrics = validate_generated(self.ema, self.layout, self.sched_config, self.val_models, self.dataset, self.target,
-                                     self.val_cfg, self.diffusion)
+                                     self.val_cfg, self.diffusion, anchor=self.anchor)
         for k, v in metrics.items():
             self.log(f"val/{k}", v, rank_zero_only=True, sync_dist=False)
         log.info("step %d: %s", self.global_step, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
@@ -105,8 +107,9 @@ class TinaLitModule(L.LightningModule):
 
 @torch.no_grad()
 def validate_generated(dit, layout, sched_config, models: list[dict], dataset, target: str, cfg: ValConfig,
-                       diffusion: DiffusionConfig, base=None) -> dict:
-    """Generate the given zoo tasks from their class names; mean accuracy vs oracle and selection."""
+                       diffusion: DiffusionConfig, base=None, anchor=None) -> dict:
+    """Generate the given zoo tasks from their class names; mean accuracy vs oracle and selection.
+    `anchor`: the SelectionAnchor the DiT's residuals are added to (None: it generates whole weights)."""
     from tina.sample import assemble
 
     dit.eval()
@@ -127,6 +130,8 @@ def validate_generated(dit, layout, sched_config, models: list[dict], dataset, t
     for i, m in enumerate(models):
         k = len(m["classes"])
         flat = layout.denormalize(layout.detokenize(tokens[i, : layout.num_tokens(k)], k), k)
+        if anchor is not None:
+            flat = flat + anchor.origin(m["class_ids"])
         x, y = task_test_set(dataset, m["class_ids"], cfg.images_per_class)
         try:
             net = assemble(target, dataset.image, layout, flat, m["classes"], base)

@@ -177,6 +177,8 @@ class Tina:
         for i, t in enumerate(tasks):
             k = len(t.classes)
             flat = layout.denormalize(layout.detokenize(tokens[i, : layout.num_tokens(k)], k), k)
+            if self.bundle.anchor is not None:  # residual from (soft) classifier selection of each class
+                flat = flat + self.bundle.anchor.soft_origin(self.bundle.anchor.weights(t.cond, self.bundle.vocab_emb))
             net = build_model(self.bundle, flat, t.classes)
             net.tina_info = {
                 "prompt": t.prompt, "classes": t.classes, "seed": seed, "steps": steps, "guidance": guidance,

@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 
 from tina.config import load_config, save_config
-from tina.data import AugmentConfig, ZooDataModule, fit_layout_stats, layout_from_manifest, load_split, read_manifest
+from tina.data import (
+    AugmentConfig, ZooDataModule, fit_layout_stats, layout_from_manifest, load_anchor, load_split, read_manifest,
+)  # fmt: skip
 from tina.diffusion import DiffusionConfig
 from tina.layout import ParamLayout
 from tina.lit_module import OptimConfig, TinaLitModule, ValConfig, validate_generated
@@ -61,6 +63,9 @@ class TrainConfig:
     data_root: str | None = None  # dataset location for validation (default: the dataset's own default)
     resume: bool = True  # continue from out/checkpoints/last.ckpt when present
     token_size: int = 0  # numbers per parameter token; 0 = the zoo's (flat vectors do not depend on it)
+    # Generate residuals from classifier selection (the zoo's generic model travels in the bundle;
+    # tina/anchor.py) instead of whole weight vectors.
+    residual: bool = True
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -98,7 +103,8 @@ def train(cfg: TrainConfig) -> Path:
     layout = layout_from_manifest(man)
     if cfg.token_size and cfg.token_size != layout.token_size:
         layout = ParamLayout.from_dict({**layout.to_dict(), "token_size": cfg.token_size})
-    fit_layout_stats(zoo, layout)
+    anchor = load_anchor(zoo, layout) if cfg.residual else None
+    fit_layout_stats(zoo, layout, anchor=anchor)
     vocab_t = load_file(zoo / "vocab.safetensors")
     cond_dim = vocab_t["names"].shape[-1]
     dit = build_dit(cfg.generator.size, token_size=layout.token_size, n_body_tokens=layout.n_body_tokens,
@@ -107,8 +113,9 @@ def train(cfg: TrainConfig) -> Path:
 
     dataset = load_dataset(man["dataset"]["name"], cfg.data_root or man["dataset"].get("root"))
     val_models = load_split(zoo, cfg.val.split, limit=cfg.val.tasks)
-    module = TinaLitModule(dit, layout, cfg.diffusion, cfg.optim, cfg.trainer.max_steps, cfg.val, val_models, dataset, man["target"])
-    data = ZooDataModule(zoo, layout, cfg.augment, cfg.trainer.batch_size, cfg.trainer.workers, cfg.trainer.seed)
+    module = TinaLitModule(dit, layout, cfg.diffusion, cfg.optim, cfg.trainer.max_steps, cfg.val, val_models, dataset, man["target"],
+                          anchor)
+    data = ZooDataModule(zoo, layout, cfg.augment, cfg.trainer.batch_size, cfg.trainer.workers, cfg.trainer.seed, anchor)
 
     precision = cfg.trainer.precision
     if precision == "auto":
@@ -148,12 +155,12 @@ def train(cfg: TrainConfig) -> Path:
         generic = load_file(zoo / "generic.safetensors")
         base = {k: generic[k] for k in layout.frozen}
     metrics = validate_generated(ema, layout, module.sched_config, final_models, dataset, man["target"], cfg.val,
-                                 cfg.diffusion, base) if final_models else {}
+                                 cfg.diffusion, base, anchor) if final_models else {}
     log.info("final held-out metrics: %s", metrics)
     bundle = Bundle(
         dit=ema, layout=layout, scheduler_config=module.sched_config, target=man["target"], image=image,
         dataset=man["dataset"]["name"], text_encoder=man["text_encoder"], k_max=int(man["config"]["tasks"]["k_max"]),
-        vocab=list(man["dataset"]["classes"]), vocab_emb=vocab_t["names"].float(), base=base,
+        vocab=list(man["dataset"]["classes"]), vocab_emb=vocab_t["names"].float(), base=base, anchor=anchor,
         meta={
             "sampling": {"sampler": cfg.diffusion.sampler, "steps": cfg.diffusion.steps, "guidance": cfg.diffusion.guidance},
             "metrics": {"split": cfg.val.split, "tasks": len(final_models), **metrics},

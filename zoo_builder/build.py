@@ -39,7 +39,9 @@ WAIT_SECONDS = 6 * 3600  # how long a rank > 0 waits for rank 0 to prepare
 
 
 def _fit_net(cfg: ZooConfig, image, feature_dim: int):
-    return fit.StackedCNN5k(image.channels, image.size) if cfg.target == "cnn-5k" else fit.StackedLinear(feature_dim)
+    if cfg.target == "cnn-5k":
+        return fit.StackedCNN5k(image.channels, image.size, cfg.finetune.dtype)
+    return fit.StackedLinear(feature_dim)
 
 
 def prepare(cfg: ZooConfig, zoo: Path, dataset) -> dict:

@@ -73,9 +73,21 @@ class FinetuneConfig:
     train_per_class: int = 0  # training images per class a task may use (0 = all)
     eval_per_class: int = 300  # fixed test images per class for oracle / selection accuracy
     eval_chunk: int = 128  # evaluation images per model per forward pass
+    # Arithmetic of the cnn-5k convolutions in training: "bf16" runs them in bfloat16 (float32 master
+    # weights, head, loss and Adam), ~1.3x faster on CPUs with AVX512-BF16 and on GPUs; "fp32" is exact.
+    # Oracle and selection accuracy are always measured in float32.
+    precision: str = "fp32"
     seed: int = 0
 
+    @property
+    def dtype(self):
+        import torch
+
+        return {"fp32": torch.float32, "bf16": torch.bfloat16}[self.precision]
+
     def __post_init__(self):
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"finetune.precision must be fp32 or bf16, got {self.precision!r}")
         if self.steps < 0 or self.batch_size < 1 or self.group_size < 1 or self.eval_per_class < 1:
             raise ValueError("finetune: steps >= 0, batch_size, group_size and eval_per_class >= 1")
 

@@ -88,6 +88,11 @@ def _conv3_input_grad(dZ: torch.Tensor, w: torch.Tensor, B: int, H: int, W: int)
     """
     G, _, Co = dZ.shape
     Cin = w.shape[1] // 9
+    if dZ.dtype != torch.float32:
+        # bfloat16: strided adds are slow on CPU but copies are cheap, so gather all nine taps
+        # (a full im2col of dZ) and let one matmul with the flipped kernel do the sum.
+        wf = w.view(G, 3, 3, Cin, Co).flip(1, 2).transpose(3, 4).reshape(G, 9 * Co, Cin)
+        return torch.bmm(_im2col3(dZ.view(G * B, H, W, Co)).view(G, B * H * W, 9 * Co), wf).view(G * B, H, W, Cin)
     d = F.pad(dZ.reshape(G * B, H, W, Co), (0, 0, 1, 1))  # (GB, H, W+2, Co), zero columns
     s = d.stride()
     xcol = d.as_strided((G * B, H, W, 3 * Co), (s[0], s[1], s[2], 1)).reshape(G, B * H * W, 3 * Co)  # dZ[y, x-1+j]
@@ -119,11 +124,12 @@ class StackedCNN5k:
 
     kind = "images"
 
-    def __init__(self, in_channels: int, size: int):
+    def __init__(self, in_channels: int, size: int, compute_dtype: torch.dtype = torch.float32):
         if size % 4:
             raise TinaError(f"cnn-5k batched training needs an image size divisible by 4, got {size}")
         self.C, self.size = in_channels, size
         self.c1, self.c2, self.c3 = CNN5kBody.widths
+        self.dtype = compute_dtype  # of the convolutions' training forward/backward (see fit_dtype)
 
     # -- conversion to and from TargetNet state dicts --
 
@@ -172,7 +178,9 @@ class StackedCNN5k:
         return wb.view(G, 16 * C, 4 * c1)
 
     def _forward(self, p, x, keep: bool):
+        """Conv stack in x's dtype (weights are cast to it); features f (G, B, D) in float32."""
         G, B, H, W, C = x.shape
+        p = {n: t.to(x.dtype) for n, t in p.items() if n not in ("wh", "bh")}
         c1, c2, c3 = self.c1, self.c2, self.c3
         H1, W1, H2, W2 = H // 2, W // 2, H // 4, W // 4
         s = {}
@@ -203,7 +211,7 @@ class StackedCNN5k:
             M3, I3 = aten.max_pool2d_with_indices(A3n, [2, 2], [2, 2])
         else:
             M3 = F.max_pool2d(A3n, 2)
-        f = M3.reshape(G, B, -1)  # (G, B, D), D = c3 * H3 * W3
+        f = M3.reshape(G, B, -1).float()  # (G, B, D), D = c3 * H3 * W3
         if keep:
             s.update(P1=P1, Z1v=Z1v, I1=I1, A1=A1, cols2=cols2, Z2n=Z2n, I2=I2, A2=A2, cols3=cols3, A3=A3, A3n=A3n, I3=I3,
                      M3shape=M3.shape)
@@ -219,29 +227,31 @@ class StackedCNN5k:
         G, B, H, W, C = x.shape
         c1, c2, c3 = self.c1, self.c2, self.c3
         H1, W1, H2, W2 = H // 2, W // 2, H // 4, W // 4
-        f, s = self._forward(p, x, keep=True)
-        loss, dl = _head_loss(f, p["wh"], p["bh"], y, kmask)
+        dt = self.dtype
+        f, s = self._forward(p, x.to(dt), keep=True)
+        loss, dl = _head_loss(f, p["wh"], p["bh"], y, kmask)  # the head and its loss in float32
         g = {"wh": torch.bmm(f.transpose(1, 2), dl), "bh": dl.sum(1)}
-        df = torch.bmm(dl, p["wh"].transpose(1, 2))  # (G, B, D)
+        df = torch.bmm(dl, p["wh"].transpose(1, 2)).to(dt)  # (G, B, D)
+        w2, w3 = p["w2"].to(dt), p["w3"].to(dt)
         dM3 = df.reshape(s["M3shape"])  # (GB, c3, H3, W3)
         dA3 = aten.max_pool2d_with_indices_backward(dM3, s["A3n"], [2, 2], [2, 2], [0, 0], [1, 1], False, s["I3"])
         dZ3 = dA3.permute(0, 2, 3, 1).reshape(G, B * H2 * W2, c3) * (s["A3"] > 0)  # through the ReLU
-        g["w3"], g["b3"] = torch.bmm(s["cols3"].transpose(1, 2), dZ3), dZ3.sum(1)
-        dA2 = _conv3_input_grad(dZ3, p["w3"], B, H2, W2)  # (GB, H2, W2, c2)
+        g["w3"], g["b3"] = torch.bmm(s["cols3"].transpose(1, 2), dZ3), dZ3.sum(1, dtype=torch.float32)
+        dA2 = _conv3_input_grad(dZ3, w3, B, H2, W2)  # (GB, H2, W2, c2)
         dM2 = (dA2 * (s["A2"] > 0)).permute(0, 3, 1, 2)
         dZ2 = aten.max_pool2d_with_indices_backward(dM2, s["Z2n"], [2, 2], [2, 2], [0, 0], [1, 1], False, s["I2"])
         dZ2 = dZ2.permute(0, 2, 3, 1).reshape(G, B * H1 * W1, c2)
-        g["w2"], g["b2"] = torch.bmm(s["cols2"].transpose(1, 2), dZ2), dZ2.sum(1)
-        dA1 = _conv3_input_grad(dZ2, p["w2"], B, H1, W1)  # (GB, H1, W1, c1)
+        g["w2"], g["b2"] = torch.bmm(s["cols2"].transpose(1, 2), dZ2), dZ2.sum(1, dtype=torch.float32)
+        dA1 = _conv3_input_grad(dZ2, w2, B, H1, W1)  # (GB, H1, W1, c1)
         dM1 = dA1.reshape(G, B * H1 * W1, c1) * (s["A1"] > 0)
-        g["b1"] = dM1.sum(1)
+        g["b1"] = dM1.sum(1, dtype=torch.float32)
         dZ1 = aten.max_pool2d_with_indices_backward(
             dM1.view(-1, 1, 1, c1).permute(0, 3, 1, 2), s["Z1v"], [4, 1], [4, 1], [0, 0], [1, 1], False, s["I1"]
         )  # (G*R1, c1, 4, 1): the gradient goes to the max position only
         dwb = torch.bmm(s["P1"].transpose(1, 2), dZ1.permute(0, 2, 3, 1).reshape(G, B * H1 * W1, 4 * c1))
         dwb = dwb.view(G, 4, 4, self.C, 4, c1)
-        g["w1"] = sum(dwb[:, py : py + 3, px : px + 3, :, j, :] for j, (py, px) in enumerate(_POSITIONS))
-        return loss, g
+        g["w1"] = sum(dwb[:, py : py + 3, px : px + 3, :, j, :].float() for j, (py, px) in enumerate(_POSITIONS))
+        return loss, {n: t.float() for n, t in g.items()}
 
 
 class StackedLinear:
