@@ -21,7 +21,8 @@ def _anchor(V=10, seed=0):
     g = torch.Generator().manual_seed(seed)
     body = torch.randn(layout.body_size, generator=g)
     rows = torch.randn(V, layout.head_dim, generator=g)
-    return layout, SelectionAnchor(body, rows)
+    keys = torch.randn(V, 3, 16, generator=g)  # three prompt variants per class
+    return layout, SelectionAnchor(body, rows, keys)
 
 
 def test_origin_is_classifier_selection(tiny_zoo):
@@ -63,11 +64,10 @@ def test_residual_example_decodes_to_the_stored_model(tiny_zoo):
 
 def test_soft_selection_picks_named_classes_and_blends_the_rest():
     layout, anchor = _anchor()
-    vocab = torch.nn.functional.normalize(torch.randn(10, 16), dim=-1)
-    w = anchor.weights(vocab[[4, 1]], vocab)
+    w = anchor.weights(anchor.keys[[4, 1], 2])  # any variant of a class selects that class
     assert torch.allclose(anchor.soft_origin(w), anchor.origin([4, 1]), atol=1e-4)
-    half = torch.nn.functional.normalize(vocab[2] + vocab[5], dim=-1)[None]  # equally close to two classes
-    row = anchor.soft_origin(anchor.weights(half, vocab))[layout.body_size :]
+    half = torch.nn.functional.normalize(anchor.keys[2, 0] + anchor.keys[5, 1], dim=-1)[None]  # as close to 2 as to 5
+    row = anchor.soft_origin(anchor.weights(half))[layout.body_size :]
     expect = anchor.rows[[2, 5]].mean(0)
     assert torch.allclose(row, expect, atol=0.05 * expect.abs().max())
 
@@ -76,6 +76,7 @@ def test_bundle_keeps_the_anchor_and_generation_adds_it(random_generator, tmp_pa
     """Generated = origin(classes, in prompt order) + what the same generator samples without an anchor."""
     layout, anchor = _anchor()
     b = load_bundle(random_generator)
+    anchor.keys = b.vocab_emb[:, None].clone()  # match by the vocabulary's names
     b.anchor = anchor
     path = save_bundle(b, tmp_path / "anchored")
     again = load_bundle(path)
@@ -97,6 +98,11 @@ def test_bundle_with_a_broken_anchor_is_refused(random_generator, tmp_path):
     shutil.copytree(path, bad)
     t = load_file(bad / "weights.safetensors")
     t["anchor.rows"] = t["anchor.rows"][:7].contiguous()  # rows for 7 of the 10 vocabulary classes
+    t["anchor.keys"] = t["anchor.keys"][:7].contiguous()
     save_file(t, bad / "weights.safetensors")
     with pytest.raises(TinaError, match="anchor has 7 class rows"):
+        load_bundle(bad)
+    t["anchor.keys"] = t["anchor.keys"][:, :, :5].contiguous()[:6]  # keys that do not match the rows
+    save_file(t, bad / "weights.safetensors")
+    with pytest.raises(TinaError, match="anchor keys have shape"):
         load_bundle(bad)

@@ -174,13 +174,16 @@ def fit_layout_stats(zoo: str | Path, layout: ParamLayout, limit: int = 4000, an
 
 
 def load_anchor(zoo: str | Path, layout: ParamLayout) -> SelectionAnchor:
-    """Classifier selection from the zoo's generic model (generic.safetensors)."""
+    """Classifier selection from the zoo's generic model (generic.safetensors), matched by the
+    embeddings of every class's prompt variants (vocab.safetensors)."""
     from safetensors.torch import load_file
 
-    path = Path(zoo) / "generic.safetensors"
-    if not path.is_file():
-        raise TinaError(f"{path} is missing: residual training needs the zoo's generic model (or set residual=false)")
-    return SelectionAnchor.from_generic(layout, load_file(path))
+    paths = [Path(zoo) / "generic.safetensors", Path(zoo) / "vocab.safetensors"]
+    for path in paths:
+        if not path.is_file():
+            raise TinaError(f"{path} is missing: residual training needs the zoo's generic model and vocabulary "
+                            "(or set residual=false)")  # fmt: skip
+    return SelectionAnchor.from_generic(layout, load_file(paths[0]), load_file(paths[1])["variants"])
 
 
 class ZooDataModule(L.LightningDataModule):

@@ -178,7 +178,7 @@ class Tina:
             k = len(t.classes)
             flat = layout.denormalize(layout.detokenize(tokens[i, : layout.num_tokens(k)], k), k)
             if self.bundle.anchor is not None:  # residual from (soft) classifier selection of each class
-                flat = flat + self.bundle.anchor.soft_origin(self.bundle.anchor.weights(t.cond, self.bundle.vocab_emb))
+                flat = flat + self.bundle.anchor.soft_origin(self.bundle.anchor.weights(t.cond))
             net = build_model(self.bundle, flat, t.classes)
             net.tina_info = {
                 "prompt": t.prompt, "classes": t.classes, "seed": seed, "steps": steps, "guidance": guidance,
