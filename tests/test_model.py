@@ -1,4 +1,5 @@
 """The DiT: class-order equivariance, any number of classes, padding, guidance, overfitting."""
+import pytest
 
 import torch
 
@@ -99,3 +100,22 @@ def test_size_registry():
     for name in DIT_SIZES:
         dit = build_dit(name, token_size=8, n_body_tokens=2, tokens_per_class=1, cond_dim=4)
         assert dit.cfg.width == DIT_SIZES[name]["width"]
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.5, 1.0])
+def test_high_noise_fraction_draws_that_share_of_timesteps_from_the_top(fraction):
+    """DiffusionConfig.high_noise_fraction: that share of a batch trains at the noisiest 5% of timesteps."""
+    seen = []
+
+    def model(xt, t, cond, cond_mask, uncond):
+        seen.append(t)
+        return xt
+
+    ddpm = make_scheduler(scheduler_config(DiffusionConfig()), "ddpm")
+    x0 = torch.randn(4000, 2, 3)
+    torch.manual_seed(0)
+    training_loss(model, ddpm, x0, torch.ones_like(x0, dtype=torch.bool), torch.zeros(4000, 1, 4), None, 0.0, fraction)
+    top = (seen[0] >= 950).float().mean().item()
+    expect = fraction + (1 - fraction) * 0.05
+    assert abs(top - expect) < 0.03
+    assert seen[0].min() >= 0 and seen[0].max() < 1000

@@ -31,12 +31,18 @@ class DiffusionConfig:
     sampler: str = "ddim"  # default sampler: ddim, dpm or ddpm
     steps: int = 25  # default sampling steps
     guidance: float = 1.0  # default guidance scale; 1 = plain conditional sampling
+    # Share of each training batch drawn from the noisiest 5% of timesteps. There the x0 prediction can
+    # only come from the text: it is the conditional mean E[weights | classes] that one-step sampling
+    # returns, and uniform timesteps give it a tenth of the training signal.
+    high_noise_fraction: float = 0.0
 
     def __post_init__(self):
         if self.prediction not in PREDICTION_TYPES:
             raise ValueError(f"prediction must be one of {list(PREDICTION_TYPES)}, got {self.prediction!r}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if not 0.0 <= self.high_noise_fraction <= 1.0:
+            raise ValueError(f"high_noise_fraction must be in [0, 1], got {self.high_noise_fraction}")
 
 
 def scheduler_config(cfg: DiffusionConfig) -> dict:
@@ -82,13 +88,17 @@ def make_scheduler(config: dict, sampler: str = "ddpm"):
     raise TinaError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
 
 
-def training_loss(model, scheduler, x0, elem_mask, cond, cond_mask, cond_dropout: float):
-    """Masked MSE of the model's prediction at a random timestep.
+def training_loss(model, scheduler, x0, elem_mask, cond, cond_mask, cond_dropout: float, high_noise_fraction: float = 0.0):
+    """Masked MSE of the model's prediction at a random timestep (see DiffusionConfig.high_noise_fraction).
 
     x0 (N, T, C) normalised tokens; elem_mask (N, T, C) True on real parameters; cond (N, K, E).
     """
     N = x0.shape[0]
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (N,), device=x0.device)
+    T = scheduler.config.num_train_timesteps
+    t = torch.randint(0, T, (N,), device=x0.device)
+    if high_noise_fraction > 0:
+        high = torch.rand(N, device=x0.device) < high_noise_fraction
+        t = torch.where(high, torch.randint(T - max(1, T // 20), T, (N,), device=x0.device), t)
     noise = torch.randn_like(x0)
     xt = scheduler.add_noise(x0, noise, t)
     uncond = torch.rand(N, device=x0.device) < cond_dropout

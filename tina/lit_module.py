@@ -58,7 +58,7 @@ class TinaLitModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         loss = training_loss(self.dit, self.scheduler, batch["x0"], batch["elem_mask"], batch["cond"], batch["cond_mask"],
-                             self.diffusion.cond_dropout)
+                             self.diffusion.cond_dropout, self.diffusion.high_noise_fraction)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["x0"].shape[0])
         return loss
 
