@@ -1,6 +1,6 @@
 """The DiT: class-order equivariance, any number of classes, padding, guidance, overfitting."""
-import pytest
 
+import pytest
 import torch
 
 from tina.diffusion import DiffusionConfig, make_scheduler, sample_tokens, scheduler_config, training_loss
