@@ -242,3 +242,21 @@ def test_main_help(capsys):
 def test_main_reports_user_errors(tmp_path, capsys):
     assert main([str(tmp_path / "missing")]) == 2
     assert "unknown checkpoint" in capsys.readouterr().err
+
+
+def test_bundle_copy_takes_the_projector_of_another_bundle(bundle_with_projector, tmp_path, capsys):
+    """`python -m tina.bundle SRC DEST --half --projector-from B`: a retrained generator keeps B's projector."""
+    from tina.bundle import main as bundle_main
+
+    with_proj, _ = bundle_with_projector
+    plain = random_bundle(tmp_path / "plain", seed=1)
+    assert not load_bundle(plain).projector
+    assert bundle_main([str(plain), str(tmp_path / "out"), "--half", "--projector-from", str(with_proj)]) == 0
+    out, src = load_bundle(tmp_path / "out"), load_bundle(with_proj)
+    assert out.projector.keys() == src.projector.keys()
+    assert all(torch.equal(out.projector[k], src.projector[k]) for k in src.projector)
+    assert out.projector_config == src.projector_config
+    other = random_bundle(tmp_path / "other", classes=["cat", "dog"], k_max=2)
+    assert bundle_main([str(other), str(tmp_path / "out2"), "--projector-from", str(with_proj)]) == 2
+    assert "another text encoder, dataset or vocabulary" in capsys.readouterr().err
+    assert not (tmp_path / "out2").exists()

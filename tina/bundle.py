@@ -175,8 +175,9 @@ def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu", tex
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m tina.bundle SRC DEST [--half]`: copy a generator folder, optionally with float16 weights
-    (how the shipped default is made from a training run's bundle)."""
+    """`python -m tina.bundle SRC DEST [--half] [--projector-from BUNDLE]`: copy a generator folder,
+    optionally with float16 weights and with the image projector of another bundle (the projector
+    depends only on the dataset and text encoder, so a retrained generator can keep it)."""
     import argparse
     import hashlib
     import sys
@@ -185,9 +186,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("src")
     ap.add_argument("dest")
     ap.add_argument("--half", action="store_true", help="store the generator weights as float16")
+    ap.add_argument("--projector-from", metavar="BUNDLE", help="take the image projector from this generator folder")
     args = ap.parse_args(argv)
     try:
         b = load_bundle(args.src)
+        if args.projector_from:
+            other = load_bundle(args.projector_from)
+            if not other.projector:
+                raise TinaError(f"{args.projector_from} has no image projector")
+            if (other.text_encoder, other.dataset, other.vocab) != (b.text_encoder, b.dataset, b.vocab):
+                raise TinaError(f"{args.projector_from} was made for another text encoder, dataset or vocabulary than {args.src}")
+            b.projector, b.projector_config = other.projector, other.projector_config
         cfg = Path(args.src) / "config.yaml"
         out = save_bundle(b, args.dest, config_yaml=cfg.read_text() if cfg.is_file() else None,
                           weights_dtype=torch.float16 if args.half else torch.float32)
