@@ -97,3 +97,27 @@ def test_two_process_ddp_on_cpu(tiny_zoo, tmp_path):
     assert "world_size: 2" in r.stderr or "distributed_backend=gloo" in r.stderr or "MEMBER: 2/2" in r.stderr
     meta = json.loads((out / "bundle" / "bundle.json").read_text())
     assert meta["training"]["steps"] == 3
+
+
+def test_validation_measures_generated_oracle_and_selection_on_the_same_images(tiny_run, tiny_zoo):
+    """Gain captured is paired: the zoo model and classifier selection are re-measured on the images
+    the generated model is measured on (not taken from the zoo's own evaluation)."""
+    from tina.accuracy import accuracy, task_test_set
+    from tina.bundle import load_bundle
+    from tina.datasets import load_dataset
+    from tina.diffusion import DiffusionConfig
+    from tina.lit_module import ValConfig, validate_generated
+    from tina.sample import assemble
+
+    b = load_bundle(tiny_run / "bundle")
+    ds = load_dataset("fashion-mnist")
+    models = load_split(tiny_zoo, "unseen_combo", limit=3)
+    cfg = ValConfig(tasks=3, images_per_class=30)
+    m = validate_generated(b.dit, b.layout, b.scheduler_config, models, ds, b.target, cfg, DiffusionConfig(steps=1), b.base, b.anchor)
+    oracle, select = [], []
+    for mm in models:
+        x, y = task_test_set(ds, mm["class_ids"], 30)
+        oracle.append(accuracy(assemble(b.target, ds.image, b.layout, mm["params"], mm["classes"]), x, y))
+        select.append(accuracy(assemble(b.target, ds.image, b.layout, b.anchor.origin(mm["class_ids"]), mm["classes"]), x, y))
+    assert m["oracle_acc"] == pytest.approx(sum(oracle) / 3)
+    assert m["selection_acc"] == pytest.approx(sum(select) / 3)

@@ -109,7 +109,10 @@ class TinaLitModule(L.LightningModule):
 def validate_generated(dit, layout, sched_config, models: list[dict], dataset, target: str, cfg: ValConfig,
                        diffusion: DiffusionConfig, base=None, anchor=None) -> dict:
     """Generate the given zoo tasks from their class names; mean accuracy vs oracle and selection.
-    `anchor`: the SelectionAnchor the DiT's residuals are added to (None: it generates whole weights)."""
+
+    Generated, oracle (the zoo model) and selection are measured on the same test images, so the
+    gain captured is a paired comparison. `anchor`: the SelectionAnchor the DiT's residuals are added
+    to (None: the DiT generates whole weights, and selection is the zoo's recorded accuracy)."""
     from tina.sample import assemble
 
     dit.eval()
@@ -138,8 +141,11 @@ def validate_generated(dit, layout, sched_config, models: list[dict], dataset, t
             gen_acc.append(accuracy(net, x, y))
         except Exception:  # noqa: BLE001 - NaN weights early in training count as chance
             gen_acc.append(1.0 / k)
-        oracle.append(m["metrics"]["oracle_acc"])
-        select.append(m["metrics"]["selection_acc"])
+        oracle.append(accuracy(assemble(target, dataset.image, layout, m["params"], m["classes"], base), x, y))
+        if anchor is not None:
+            select.append(accuracy(assemble(target, dataset.image, layout, anchor.origin(m["class_ids"]), m["classes"], base), x, y))
+        else:
+            select.append(m["metrics"]["selection_acc"])
     g, o, s = map(np.mean, (gen_acc, oracle, select))
     return {"gen_acc": float(g), "oracle_acc": float(o), "selection_acc": float(s),
             "ratio_to_oracle": float(g / o), "gain_captured": float((g - s) / (o - s)) if o > s else float("nan")}
