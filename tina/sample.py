@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from tina.bundle import Bundle, load_bundle
-from tina.diffusion import sample_tokens
+from tina.diffusion import make_scheduler, sample_tokens
 from tina.errors import TinaError
 from tina.prompts import parse_prompt
 from tina.targets import TargetNet, get_target
@@ -83,7 +83,11 @@ class Tina:
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path = "default", device: str | torch.device = "cpu") -> "Tina":
         device = _check_device(device)
-        return cls(load_bundle(resolve_checkpoint(name_or_path), device=device), device)
+        tina = cls(load_bundle(resolve_checkpoint(name_or_path), device=device), device)
+        # Import the default sampler's scheduler now (diffusers takes 1-2 s to import), so the
+        # first generation's reported time is the generation's.
+        make_scheduler(tina.bundle.scheduler_config, tina.bundle.meta.get("sampling", {}).get("sampler", "ddim"))
+        return tina
 
     # ---- text ---------------------------------------------------------------------------------
 
