@@ -133,8 +133,9 @@ def validate_generated(dit, layout, sched_config, models: list[dict], dataset, t
     for i, m in enumerate(models):
         k = len(m["classes"])
         flat = layout.denormalize(layout.detokenize(tokens[i, : layout.num_tokens(k)], k), k)
-        if anchor is not None:
-            flat = flat + anchor.origin(m["class_ids"])
+        origin = anchor.origin(m["class_ids"]) if anchor is not None else None
+        if origin is not None:
+            flat = flat + origin
         x, y = task_test_set(dataset, m["class_ids"], cfg.images_per_class)
         try:
             net = assemble(target, dataset.image, layout, flat, m["classes"], base)
@@ -142,8 +143,8 @@ def validate_generated(dit, layout, sched_config, models: list[dict], dataset, t
         except Exception:  # noqa: BLE001 - NaN weights early in training count as chance
             gen_acc.append(1.0 / k)
         oracle.append(accuracy(assemble(target, dataset.image, layout, m["params"], m["classes"], base), x, y))
-        if anchor is not None:
-            select.append(accuracy(assemble(target, dataset.image, layout, anchor.origin(m["class_ids"]), m["classes"], base), x, y))
+        if origin is not None:
+            select.append(accuracy(assemble(target, dataset.image, layout, origin, m["classes"], base), x, y))
         else:
             select.append(m["metrics"]["selection_acc"])
     g, o, s = map(np.mean, (gen_acc, oracle, select))

@@ -213,7 +213,7 @@ class StackedCNN5k:
             M3 = F.max_pool2d(A3n, 2)
         f = M3.reshape(G, B, -1).float()  # (G, B, D), D = c3 * H3 * W3
         if keep:
-            s.update(P1=P1, Z1v=Z1v, I1=I1, A1=A1, cols2=cols2, Z2n=Z2n, I2=I2, A2=A2, cols3=cols3, A3=A3, A3n=A3n, I3=I3,
+            s.update(w2=p["w2"], w3=p["w3"], P1=P1, Z1v=Z1v, I1=I1, A1=A1, cols2=cols2, Z2n=Z2n, I2=I2, A2=A2, cols3=cols3, A3=A3, A3n=A3n, I3=I3,
                      M3shape=M3.shape)
         return f, s
 
@@ -232,7 +232,7 @@ class StackedCNN5k:
         loss, dl = _head_loss(f, p["wh"], p["bh"], y, kmask)  # the head and its loss in float32
         g = {"wh": torch.bmm(f.transpose(1, 2), dl), "bh": dl.sum(1)}
         df = torch.bmm(dl, p["wh"].transpose(1, 2)).to(dt)  # (G, B, D)
-        w2, w3 = p["w2"].to(dt), p["w3"].to(dt)
+        w2, w3 = s["w2"], s["w3"]  # in the compute dtype, as the forward used them
         dM3 = df.reshape(s["M3shape"])  # (GB, c3, H3, W3)
         dA3 = aten.max_pool2d_with_indices_backward(dM3, s["A3n"], [2, 2], [2, 2], [0, 0], [1, 1], False, s["I3"])
         dZ3 = dA3.permute(0, 2, 3, 1).reshape(G, B * H2 * W2, c3) * (s["A3"] > 0)  # through the ReLU
