@@ -58,6 +58,7 @@ import torch
 import torch.nn.functional as F
 
 from tina.errors import TinaError
+from tina.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
 RESULTS_FORMAT = "tina-eval/1"
@@ -325,9 +326,7 @@ def recipe_lr(step: int, total: int, finetune: dict) -> float:
         return lr
     zoo_steps = max(1, int(finetune.get("steps", total) or total))
     warmup = round(int(finetune["warmup_steps"]) * total / zoo_steps)
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    return lr * warmup_cosine(step, total, warmup)
 
 
 class _TrainPool:

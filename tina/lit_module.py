@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 from dataclasses import dataclass
 
 import lightning as L
@@ -17,6 +16,7 @@ from tina.accuracy import accuracy, task_test_set
 from tina.diffusion import DiffusionConfig, make_scheduler, sample_tokens, scheduler_config, training_loss
 from tina.layout import ParamLayout
 from tina.model import DiT
+from tina.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -80,13 +80,7 @@ class TinaLitModule(L.LightningModule):
         )
         warm, total, floor = self.optim_cfg.warmup_steps, max(self.max_steps, 1), self.optim_cfg.min_lr_ratio
 
-        def lr_lambda(step):
-            if step < warm:
-                return (step + 1) / warm
-            progress = min(1.0, (step - warm) / max(1, total - warm))
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: warmup_cosine(step, total, warm, floor))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ---- validation: real accuracy of generated models ------------------------------------------

@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from tina.errors import TinaError
+from tina.schedule import warmup_cosine
 from tina.targets import CNN5kBody
 
 log = logging.getLogger(__name__)
@@ -421,9 +421,7 @@ def evaluate(net, p: dict[str, torch.Tensor], source: torch.Tensor, data: FitDat
 def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
     """Linear warmup, then cosine decay to zero. Fresh Adam moments make the first updates
     ~lr * sign(grad) for every weight: warming up keeps them from knocking a trained init off course."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+    return lr * warmup_cosine(step, steps, warmup)
 
 
 @dataclass
