@@ -1,6 +1,7 @@
 """Zoo fine-tuning throughput: the batched trainer vs a plain one-model-at-a-time loop, at equal work.
 
     python benchmarks/zoo_throughput.py [--models 48 --steps 50 --batch 32] [--json out.json]
+    python benchmarks/zoo_throughput.py --device cuda --models 8192     # on a GPU
 
 Both sides train the same number of cnn-5k models x steps x minibatch on the same kind of data
 (uint8 28x28 images gathered per step from a 60,000-image pool, normalised, class labels), starting
@@ -16,6 +17,9 @@ Rows:
   loop, nn.Module (NCHW, 1 thread)  the plain loop without intra-op threads
   loop, nn.Module (bf16 autocast)  the plain loop under torch.autocast("cpu", bfloat16): the fair
                                    baseline for the bf16 row
+On a GPU (--device cuda) the batched rows train every model in one group (one call per step), in
+float32 and bf16, and the loop rows train --loop-models models (32): the loop's time is linear in
+models, so models/minute compares the two at equal work per model.
 "speedup" is against the plain loop (NCHW, torch's default threads). On a shared machine the
 wall-clock columns depend on the load; GFLOP per CPU-second does much less.
 """
@@ -39,15 +43,23 @@ from zoo_builder import fit
 IMAGE = ImageSpec(1, 28, (0.286,), (0.353,))
 
 
-def matmul_gflops(n: int = 2048, reps: int = 10) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_gflops(n: int = 2048, reps: int = 10, device: torch.device = torch.device("cpu")) -> float:
+    """This machine's float32 matmul rate (on a GPU: torch's default, i.e. full-precision float32)."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     for _ in range(3):
         a @ b
     best = float("inf")
     for _ in range(3):
+        _sync(device)
         t0 = time.perf_counter()
         for _ in range(reps):
             a @ b
+        _sync(device)
         best = min(best, (time.perf_counter() - t0) / reps)
     return 2 * n**3 / best / 1e9
 
@@ -66,48 +78,55 @@ def tasks_for(models: int, k: int, num_classes: int = 10) -> list[list[int]]:
 
 
 def run_batched(data, init, tasks, steps, batch, group_size, workers, threads, per_call, dtype=torch.float32) -> float:
-    """Seconds to fine-tune every task with zoo_builder.fit (training only, no evaluation)."""
+    """Seconds to fine-tune every task with zoo_builder.fit (training only, no evaluation), on data's device."""
     net = fit.StackedCNN5k(1, 28, dtype)
+    dev = data.train.device
     groups = [tasks[lo : lo + group_size] for lo in range(0, len(tasks), group_size)]
 
     def one(j):
         gt = groups[j]
         k_max = max(len(t) for t in gt)
-        ids, ks, kmask = fit.class_tables(gt, k_max)
+        ids, ks, kmask = (t.to(dev) for t in fit.class_tables(gt, k_max))
         sds = [dict(init, **{"head.weight": init["head.weight"][t], "head.bias": init["head.bias"][t]}) for t in gt]
-        trainer = fit.StackedTrainer(net, net.pack(sds, k_max), kmask, 1e-3, per_call)
-        gen = torch.Generator().manual_seed(j)
-        for _ in range(steps):
-            idx, y = fit.sample_batch(data, ids, ks, batch, gen)
+        params = {n: t.to(dev) for n, t in net.pack(sds, k_max).items()}
+        trainer = fit.StackedTrainer(net, params, kmask, 1e-3, per_call)
+        keys = fit.model_keys(j, range(len(gt))).to(dev)
+        for step in range(steps):
+            idx, y = fit.sample_batch(data, ids, ks, batch, keys, step)
             trainer.step(data.inputs(data.train, idx), y)
 
     torch.set_num_threads(threads)
+    _sync(dev)
     t0 = time.perf_counter()
     with ThreadPoolExecutor(workers) as pool:
         list(pool.map(one, range(len(groups))))
+    _sync(dev)
     return time.perf_counter() - t0
 
 
 def run_loop(data, init, tasks, steps, batch, threads, channels_last: bool, bf16: bool = False) -> float:
     """Seconds for the same work as plain nn.Module training, one model after another."""
     torch.set_num_threads(threads)
+    dev = data.train.device
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    gen = torch.Generator().manual_seed(0)
+    _sync(dev)
     t0 = time.perf_counter()
-    for t in tasks:
+    for m, t in enumerate(tasks):
         net = get_target("cnn-5k").build(len(t), IMAGE)
         net.load_state_dict(dict(init, **{"head.weight": init["head.weight"][t], "head.bias": init["head.bias"][t]}))
-        net.to(memory_format=fmt)
+        net.to(dev, memory_format=fmt)
         opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-        ids, ks, _ = fit.class_tables([t], len(t))
-        for _ in range(steps):
-            idx, y = fit.sample_batch(data, ids, ks, batch, gen)
+        ids, ks, _ = (x.to(dev) for x in fit.class_tables([t], len(t)))
+        keys = fit.model_keys(0, [m]).to(dev)
+        for step in range(steps):
+            idx, y = fit.sample_batch(data, ids, ks, batch, keys, step)
             x = data.train[idx[0]].permute(0, 3, 1, 2).float().div_(255.0).contiguous(memory_format=fmt)
-            with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            with torch.autocast(dev.type, torch.bfloat16, enabled=bf16):
                 loss = F.cross_entropy(net(x).float(), y[0])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+    _sync(dev)
     return time.perf_counter() - t0
 
 
@@ -124,60 +143,87 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--k", type=int, default=10, help="classes per model")
-    ap.add_argument("--group-size", type=int, default=24)
-    ap.add_argument("--images-per-call", type=int, default=128)
+    ap.add_argument("--group-size", type=int, default=0, help="0: 24 on CPU, every model in one group on a GPU")
+    ap.add_argument("--images-per-call", type=int, default=0, help="0: 128 on CPU, the whole group on a GPU")
+    ap.add_argument("--loop-models", type=int, default=0,
+                    help="models the one-at-a-time loop trains (0: --models on CPU, 32 on a GPU, where the loop "
+                         "is linear in models and thousands would take many minutes)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
+    dev = torch.device(args.device)
+    gpu = dev.type == "cuda"
     fit.tune_malloc()
     torch.set_num_threads(args.threads)
-    data = make_data()
+    data = make_data().to(dev)
     torch.manual_seed(0)
     init = get_target("cnn-5k").build(10, IMAGE).state_dict()
     tasks = tasks_for(args.models, args.k)
-    work = args.models * args.steps * args.batch * fit.training_flops("cnn-5k", 1, 28, args.k)
-    per_call = max(1, args.images_per_call // args.batch)
-    mm = matmul_gflops()
+    loop_tasks = tasks_for(args.loop_models or (32 if gpu else args.models), args.k)
+    per_model = args.steps * args.batch * fit.training_flops("cnn-5k", 1, 28, args.k)
+    group = args.group_size or (args.models if gpu else 24)
+    images = args.images_per_call or (0 if gpu else 128)
+    per_call = max(1, images // args.batch) if images else 0
+    mm = matmul_gflops(device=dev)
     T = args.threads
-    runs = {
-        f"batched ({T} workers x 1 thread)": lambda: run_batched(data, init, tasks, args.steps, args.batch, args.group_size, T, 1, per_call),
-        f"batched (1 worker x {T} threads)": lambda: run_batched(data, init, tasks, args.steps, args.batch, args.group_size, 1, T, per_call),
-        f"batched bf16 ({T} workers x 1 thread)": lambda: run_batched(data, init, tasks, args.steps, args.batch, args.group_size, T, 1,
-                                                                      per_call, torch.bfloat16),
-        "loop, nn.Module (NCHW)": lambda: run_loop(data, init, tasks, args.steps, args.batch, T, False),
-        "loop, nn.Module (channels-last)": lambda: run_loop(data, init, tasks, args.steps, args.batch, T, True),
-        "loop, nn.Module (NCHW, 1 thread)": lambda: run_loop(data, init, tasks, args.steps, args.batch, 1, False),
-        "loop, nn.Module (bf16 autocast)": lambda: run_loop(data, init, tasks, args.steps, args.batch, T, False, bf16=True),
-    }  # fmt: skip
-    # Warm up every path on a little work, then time each once at full size.
+    B, S = args.batch, args.steps
+    if gpu:
+        runs = {
+            f"batched fp32 (groups of {group})": (tasks, lambda: run_batched(data, init, tasks, S, B, group, 1, T, per_call)),
+            f"batched bf16 (groups of {group})": (tasks, lambda: run_batched(data, init, tasks, S, B, group, 1, T, per_call,
+                                                                              torch.bfloat16)),
+            "loop, nn.Module (NCHW)": (loop_tasks, lambda: run_loop(data, init, loop_tasks, S, B, T, False)),
+            "loop, nn.Module (channels-last)": (loop_tasks, lambda: run_loop(data, init, loop_tasks, S, B, T, True)),
+            "loop, nn.Module (bf16 autocast)": (loop_tasks, lambda: run_loop(data, init, loop_tasks, S, B, T, False, bf16=True)),
+        }  # fmt: skip
+    else:
+        runs = {
+            f"batched ({T} workers x 1 thread)": (tasks, lambda: run_batched(data, init, tasks, S, B, group, T, 1, per_call)),
+            f"batched (1 worker x {T} threads)": (tasks, lambda: run_batched(data, init, tasks, S, B, group, 1, T, per_call)),
+            f"batched bf16 ({T} workers x 1 thread)": (tasks, lambda: run_batched(data, init, tasks, S, B, group, T, 1, per_call,
+                                                                                   torch.bfloat16)),
+            "loop, nn.Module (NCHW)": (loop_tasks, lambda: run_loop(data, init, loop_tasks, S, B, T, False)),
+            "loop, nn.Module (channels-last)": (loop_tasks, lambda: run_loop(data, init, loop_tasks, S, B, T, True)),
+            "loop, nn.Module (NCHW, 1 thread)": (loop_tasks, lambda: run_loop(data, init, loop_tasks, S, B, 1, False)),
+            "loop, nn.Module (bf16 autocast)": (loop_tasks, lambda: run_loop(data, init, loop_tasks, S, B, T, False, bf16=True)),
+        }  # fmt: skip
+    # Warm up every path on a little work (kernel selection, allocator), then time each once at full size.
     small = tasks[:2]
-    run_batched(data, init, small, 2, args.batch, args.group_size, 1, T, per_call)
-    run_batched(data, init, small, 2, args.batch, args.group_size, 1, T, per_call, torch.bfloat16)
-    run_loop(data, init, small, 2, args.batch, T, False)
+    run_batched(data, init, small, 2, B, group, 1, T, per_call)
+    run_batched(data, init, small, 2, B, group, 1, T, per_call, torch.bfloat16)
+    run_loop(data, init, small, 2, B, T, False)
+    run_loop(data, init, small, 2, B, T, False, bf16=True)
     rows = []
-    for name, fn in runs.items():
+    for name, (ts, fn) in runs.items():
         cpu0 = _cpu_seconds()
         sec = fn()
         cpu = _cpu_seconds() - cpu0
-        rows.append({"name": name, "seconds": round(sec, 2), "cpu_seconds": round(cpu, 2),
-                     "models_per_minute": round(args.models / sec * 60, 1), "gflops": round(work / sec / 1e9, 1),
+        work = len(ts) * per_model
+        rows.append({"name": name, "models": len(ts), "seconds": round(sec, 2), "cpu_seconds": round(cpu, 2),
+                     "models_per_minute": round(len(ts) / sec * 60, 1), "gflops": round(work / sec / 1e9, 1),
                      "gflop_per_cpu_second": round(work / cpu / 1e9, 1)})  # fmt: skip
     base = next(r for r in rows if r["name"] == "loop, nn.Module (NCHW)")
-    for r in rows:
-        r["speedup_vs_loop"] = round(base["seconds"] / r["seconds"], 2)
+    for r in rows:  # per-model rates: equal work per model, whatever the model counts
+        r["speedup_vs_loop"] = round(r["models_per_minute"] / base["models_per_minute"], 2)
+    where = torch.cuda.get_device_name(dev) if gpu else f"cpu ({os.cpu_count()} cores)"
     result = {
-        "machine": {"cpu_count": os.cpu_count(), "threads": T, "torch": torch.__version__, "platform": platform.platform(),
-                    "matmul_2048_gflops": round(mm, 1), "load_avg_1min": round(os.getloadavg()[0], 2)},
-        "work": {"models": args.models, "steps": args.steps, "batch": args.batch, "k": args.k,
-                 "gflop": round(work / 1e9, 1)},
+        "machine": {"device": where, "cpu_count": os.cpu_count(), "threads": T, "torch": torch.__version__,
+                    "platform": platform.platform(), "matmul_2048_gflops": round(mm, 1),
+                    "load_avg_1min": round(os.getloadavg()[0], 2)},
+        "work": {"models": args.models, "loop_models": len(loop_tasks), "steps": S, "batch": B, "k": args.k,
+                 "gflop_per_model": round(per_model / 1e9, 3)},
         "rows": rows,
     }  # fmt: skip
-    print(f"cnn-5k fine-tuning, {args.models} models x {args.steps} steps x batch {args.batch} (k={args.k}), "
-          f"{work / 1e9:.0f} GFLOP; 2048^2 matmul: {mm:.0f} GFLOP/s; load avg {os.getloadavg()[0]:.1f}")  # fmt: skip
-    print(f"{'trainer':40s} {'seconds':>8s} {'models/min':>11s} {'GFLOP/s':>8s} {'vs loop':>8s} {'cpu s':>7s} {'GFLOP/cpu-s':>12s}")
+    print(f"cnn-5k fine-tuning on {where}: {args.models} models (loop: {len(loop_tasks)}) x {S} steps x batch {B} "
+          f"(k={args.k}), {per_model / 1e9:.2f} GFLOP per model; 2048^2 fp32 matmul: {mm:.0f} GFLOP/s; "
+          f"load avg {os.getloadavg()[0]:.1f}")  # fmt: skip
+    print(f"{'trainer':40s} {'models':>6s} {'seconds':>8s} {'models/min':>11s} {'GFLOP/s':>8s} {'vs loop':>8s} {'cpu s':>7s} "
+          f"{'GFLOP/cpu-s':>12s}")
     for r in rows:
-        print(f"{r['name']:40s} {r['seconds']:8.2f} {r['models_per_minute']:11.1f} {r['gflops']:8.1f} "
+        print(f"{r['name']:40s} {r['models']:6d} {r['seconds']:8.2f} {r['models_per_minute']:11.1f} {r['gflops']:8.1f} "
               f"{r['speedup_vs_loop']:7.2f}x {r['cpu_seconds']:7.2f} {r['gflop_per_cpu_second']:12.1f}")
+    print(json.dumps(result))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

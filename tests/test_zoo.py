@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from tina.config import load_config
-from tina.targets import ImageSpec, get_target
+from tina.targets import CNN5kBody, ImageSpec, get_target
 from zoo_builder import fit
-from zoo_builder.config import TasksConfig, ZooConfig
+from zoo_builder.config import FinetuneConfig, TasksConfig, ZooConfig
 from zoo_builder.tasks import sample_tasks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,6 +49,19 @@ def test_task_sampler_is_deterministic_and_splits_are_disjoint():
     assert all(held & set(t.classes) for t in a.split("unseen_class"))
     d = a.to_dict()
     assert type(a).from_dict(json.loads(json.dumps(d))) == a
+
+
+def test_val_split_is_disjoint_and_leaves_the_test_split_unchanged():
+    base = TasksConfig(train=300, unseen_combo=40, k_min=2, k_max=6, seed=3)
+    with_val = sample_tasks(10, replace(base, val=25))
+    val = [frozenset(t.classes) for t in with_val.split("val")]
+    combo = [frozenset(t.classes) for t in with_val.split("unseen_combo")]
+    train = {frozenset(t.classes) for t in with_val.split("train")}
+    assert len(val) == len(set(val)) == 25
+    assert not set(val) & train and not set(val) & set(combo), "val sets must be in neither train nor the test split"
+    # the test split keeps its tasks when a val split is added
+    assert [t.classes for t in with_val.split("unseen_combo")] == [t.classes for t in sample_tasks(10, base).split("unseen_combo")]
+    assert type(with_val).from_dict(json.loads(json.dumps(with_val.to_dict()))) == with_val
 
 
 def test_task_sampler_keeps_every_size_for_train():
@@ -174,10 +187,52 @@ def test_minibatches_come_from_each_models_own_classes():
     data = fit.FitData(labels, order, start, count, labels, order, start, count, torch.zeros(1), torch.ones(1), torch.zeros(50, 1))
     tasks = [[3, 1], [0, 4, 2]]
     ids, ks, _ = fit.class_tables(tasks, 3)
-    idx, y = fit.sample_batch(data, ids, ks, 200, torch.Generator().manual_seed(1))
+    idx, y = fit.sample_batch(data, ids, ks, 200, fit.model_keys(1, [0, 1]), step=0)
     for m, t in enumerate(tasks):
         assert set(y[m].tolist()) == set(range(len(t)))
         assert torch.equal(labels[idx[m]], torch.tensor(t)[y[m]])
+
+
+def test_counter_uniforms_are_uniform_and_a_function_of_key_step_and_column():
+    keys = fit.model_keys(0, range(64))
+    u = fit.counter_uniform(keys, 3, 0, 512)
+    assert u.shape == (64, 512) and u.dtype == torch.float32
+    assert 0.0 <= float(u.min()) and float(u.max()) < 1.0
+    assert abs(float(u.mean()) - 0.5) < 0.01 and abs(float(u.var()) - 1 / 12) < 0.005
+    # deciles: each holds ~10% (32768 draws; 5 sigma ~ 0.8 points)
+    counts = torch.histc(u, bins=10, min=0.0, max=1.0) / u.numel()
+    assert float((counts - 0.1).abs().max()) < 0.008
+    # a model's stream is its own: the same key gives the same numbers in any group, other steps/streams differ
+    torch.testing.assert_close(fit.counter_uniform(keys[5:6], 3, 0, 512), u[5:6], rtol=0, atol=0)
+    assert not torch.equal(fit.counter_uniform(keys, 4, 0, 512), u)
+    assert not torch.equal(fit.counter_uniform(keys, 3, 1, 512), u)
+    assert not torch.equal(fit.model_keys(1, range(64)), keys)
+    # neighbouring models are uncorrelated
+    assert abs(float(torch.corrcoef(u[:2])[0, 1])) < 0.1
+
+
+def test_grouping_does_not_change_the_models():
+    """Per-model random streams: one group of three models == a group of two + a group of one."""
+    torch.manual_seed(0)
+    labels = torch.arange(200) % 4
+    images = torch.randint(0, 256, (200, 8, 8, 1), dtype=torch.uint8)
+    g = torch.Generator().manual_seed(0)
+    order, start, count = fit.class_index(labels, 4, 0, g)
+    net = fit.StackedCNN5k(1, 8)
+    generic = get_target("cnn-5k").build(4, ImageSpec(1, 8, (0.5,), (0.25,))).state_dict()
+    head = fit.StackedLinear(CNN5kBody.feature_dim(8))
+    feats = torch.randn(200, head.D)
+    data = fit.FitData(images, order, start, count, images, order, start, count, torch.tensor([0.5]), torch.tensor([0.25]), feats)
+    cfg = FinetuneConfig(steps=3, batch_size=8, lr=1e-2, warmup_steps=1, eval_per_class=10, eval_chunk=16)
+    tasks, numbers = [[0, 1], [3, 2, 1], [2, 0]], [7, 8, 9]
+    whole = fit.fit_group(net, generic, tasks, fit.model_keys(0, numbers), data, cfg)
+    parts = [fit.fit_group(net, generic, tasks[:2], fit.model_keys(0, numbers[:2]), data, cfg, models_per_call=1),
+             fit.fit_group(net, generic, tasks[2:], fit.model_keys(0, numbers[2:]), data, cfg)]
+    split = [sd for r in parts for sd in r.state_dicts]
+    for a, b in zip(whole.state_dicts, split):
+        for n in a:
+            torch.testing.assert_close(a[n], b[n], rtol=1e-5, atol=1e-6)
+    assert not torch.equal(whole.state_dicts[0]["body.conv1.weight"], generic["body.conv1.weight"])  # it trained
 
 
 # ---- a tiny real build ---------------------------------------------------------------------------
@@ -297,3 +352,26 @@ def test_cli_reports_config_errors(tmp_path, capsys):
     assert main(["build", str(TINY), f"out={tmp_path}", "no_such_key=1"]) == 2
     assert "no_such_key" in capsys.readouterr().err
     assert main(["build", str(tmp_path / "missing.yaml")]) == 2
+
+
+@pytest.mark.gpu
+def test_gpu_fit_matches_cpu():
+    """The same group fine-tuned on CUDA and on the CPU: the same minibatches, so the same models up to rounding."""
+    torch.manual_seed(0)
+    labels = torch.arange(400) % 5
+    images = torch.randint(0, 256, (400, 28, 28, 1), dtype=torch.uint8)
+    order, start, count = fit.class_index(labels, 5, 0, torch.Generator().manual_seed(0))
+    spec = ImageSpec(1, 28, (0.5,), (0.25,))
+    generic = get_target("cnn-5k").build(5, spec).state_dict()
+    feats = torch.randn(400, CNN5kBody.feature_dim(28))
+    data = fit.FitData(images, order, start, count, images, order, start, count, torch.tensor([0.5]), torch.tensor([0.25]), feats)
+    cfg = FinetuneConfig(steps=5, batch_size=16, lr=1e-2, warmup_steps=1, eval_per_class=20, eval_chunk=32)
+    tasks = [[0, 1, 2], [4, 3], [2, 0, 1, 3]]
+    keys = fit.model_keys(0, range(3))
+    torch.backends.cuda.matmul.allow_tf32 = False
+    cpu = fit.fit_group(fit.StackedCNN5k(1, 28), generic, tasks, keys, data, cfg)
+    gpu = fit.fit_group(fit.StackedCNN5k(1, 28), generic, tasks, keys, data.to("cuda"), cfg)
+    for a, b in zip(cpu.state_dicts, gpu.state_dicts):
+        for n in a:
+            torch.testing.assert_close(b[n], a[n], rtol=1e-3, atol=1e-4)
+    assert cpu.selection_acc == pytest.approx(gpu.selection_acc, abs=1e-6)

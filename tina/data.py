@@ -45,8 +45,13 @@ def read_manifest(zoo: str | Path) -> dict:
 
 
 def shard_urls(zoo: str | Path, manifest: dict, split: str) -> list[str]:
-    names = manifest["shards"].get(split, [])
-    return [str(Path(zoo) / n) for n in names]
+    """The split's shard paths; every one must exist (a zoo copied in part fails here, not mid-stream)."""
+    paths = [Path(zoo) / n for n in manifest["shards"].get(split, [])]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise TinaError(f"{zoo}: {len(missing)} of the {len(paths)} {split} shard(s) in its manifest are missing "
+                        f"(e.g. {missing[0]}); copy the whole zoo or rebuild it (a build resumes where it stopped)")
+    return [str(p) for p in paths]
 
 
 def load_split(zoo: str | Path, split: str, limit: int | None = None) -> list[dict]:

@@ -62,8 +62,8 @@ from tina.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
 RESULTS_FORMAT = "tina-eval/1"
-SPLITS = ("train", "unseen_combo", "unseen_class")
-SPLIT_TITLES = {"train": "seen combos", "unseen_combo": "unseen combos", "unseen_class": "unseen classes"}
+SPLITS = ("train", "val", "unseen_combo", "unseen_class")
+SPLIT_TITLES = {"train": "seen combos", "val": "val combos", "unseen_combo": "unseen combos", "unseen_class": "unseen classes"}
 FORMS = ("names", "template", "description", "heldout_template", "paraphrase", "shuffled", "random_text",
          "unrelated_words", "mismatched")
 HURTING_FORMS = ("random_text", "unrelated_words", "mismatched")  # the proof that text steers the weights

@@ -37,7 +37,9 @@ class ValConfig:
     """Validation samples models for held-out tasks and measures them on real test images."""
 
     tasks: int = 24  # held-out tasks sampled per validation (with the diffusion config's sampler)
-    split: str = "unseen_combo"
+    # auto: the zoo's "val" split when it has one, else unseen_combo (then the settings a run is
+    # tuned on come from the test split: build zoos with tasks.val > 0)
+    split: str = "auto"
     images_per_class: int = 200
 
 

@@ -20,6 +20,7 @@ from tina.data import (
     AugmentConfig, ZooDataModule, fit_layout_stats, layout_from_manifest, load_anchor, load_split, read_manifest,
 )  # fmt: skip
 from tina.diffusion import DiffusionConfig
+from tina.errors import TinaError
 from tina.layout import ParamLayout
 from tina.lit_module import OptimConfig, TinaLitModule, ValConfig, validate_generated
 from tina.model import DIT_SIZES, build_dit
@@ -74,6 +75,20 @@ class TrainConfig:
     val: ValConfig = field(default_factory=ValConfig)
 
 
+def resolve_val_split(man: dict, split: str) -> str:
+    """`auto` -> "val" when the zoo has val tasks, else "unseen_combo" (with a warning: tuning on it
+    would leave no untouched test split)."""
+    counts = man.get("counts", {})
+    if split != "auto":
+        if not counts.get(split):
+            raise TinaError(f"val.split={split}: the zoo has no {split} tasks (it has {counts})")
+        return split
+    if counts.get("val"):
+        return "val"
+    log.warning("the zoo has no val split (tasks.val=0): validating on unseen_combo, the test split")
+    return "unseen_combo"
+
+
 def _devices(spec: str):
     if spec == "auto":
         return "auto"
@@ -112,6 +127,7 @@ def train(cfg: TrainConfig) -> Path:
     log.info("generator %s: %.2fM parameters; %r", cfg.generator.size, sum(p.numel() for p in dit.parameters()) / 1e6, layout)
 
     dataset = load_dataset(man["dataset"]["name"], cfg.data_root or man["dataset"].get("root"))
+    cfg.val.split = resolve_val_split(man, cfg.val.split)
     val_models = load_split(zoo, cfg.val.split, limit=cfg.val.tasks)
     module = TinaLitModule(dit, layout, cfg.diffusion, cfg.optim, cfg.trainer.max_steps, cfg.val, val_models, dataset, man["target"],
                           anchor)

@@ -4,7 +4,7 @@ Steps, each resumable:
   1. prepare (rank 0): sample tasks, train or reuse the generic model, encode the vocabulary,
      write plan.json; other ranks wait for plan.json;
   2. shards: shard i is built by rank i % world_size; finished shards are skipped, so a killed
-     build resumes where it stopped and, with per-shard seeds, rebuilds exactly what was lost;
+     build resumes where it stopped and, with per-model random streams, rebuilds exactly what was lost;
   3. finalize: whichever rank finds every shard present writes manifest.json (atomically).
 Ranks come from --rank/--world-size or the RANK/WORLD_SIZE variables torchrun sets.
 """
@@ -32,7 +32,7 @@ from zoo_builder.shards import (
     MANIFEST, PLAN, VOCAB, build_manifest, encode_sample, load_vocab, plan_shards, read_json, remove_stale_tmp,
     write_json, write_shard, write_vocab,
 )  # fmt: skip
-from zoo_builder.tasks import TaskPlan, sample_tasks
+from zoo_builder.tasks import TaskPlan, sample_tasks, task_number
 
 log = logging.getLogger(__name__)
 WAIT_SECONDS = 6 * 3600  # how long a rank > 0 waits for rank 0 to prepare
@@ -117,31 +117,48 @@ class ShardContext:
     prompts: list[list[str]]  # variant strings per class
 
 
-def build_shard(ctx: ShardContext, shard, pool: ThreadPoolExecutor, bar) -> None:
-    """Fine-tune the shard's tasks in groups (in parallel threads), then write the shard atomically."""
-    fc, names, prompts = ctx.cfg.finetune, ctx.names, ctx.prompts
-    tasks = list(shard.tasks)
-    groups = [tasks[lo : lo + fc.group_size] for lo in range(0, len(tasks), fc.group_size)]
-    seed = shard.seed(fc.seed)
+def build_shards(ctx: ShardContext, shards: list, pool: ThreadPoolExecutor, bar) -> None:
+    """Fine-tune the tasks of a few shards together, in groups (on parallel threads), then write
+    each shard atomically. Groups may span shards: a GPU wants thousands of models per group,
+    more than one shard holds."""
+    fc, rt, names, prompts = ctx.cfg.finetune, ctx.cfg.runtime, ctx.names, ctx.prompts
+    dev = ctx.data.train.device
+    tasks = [t for sh in shards for t in sh.tasks]
+    size = rt.resolved_group_size(dev)
+    groups = [tasks[lo : lo + size] for lo in range(0, len(tasks), size)]
 
     def run(j):
-        gen = torch.Generator().manual_seed(seed + j)  # one generator per group: results never depend on scheduling
-        res = fit.fit_group(ctx.net, ctx.generic, [list(t.classes) for t in groups[j]], ctx.data, fc, gen)
+        # Each model's random stream is keyed by its task number: results never depend on grouping or scheduling.
+        keys = fit.model_keys(fc.seed, [task_number(t.task_id) for t in groups[j]])
+        res = fit.fit_group(ctx.net, ctx.generic, [list(t.classes) for t in groups[j]], keys, ctx.data, fc,
+                            rt.models_per_call(dev, fc.batch_size))
         bar.update(len(groups[j]))
         return res
 
-    results = list(pool.map(run, range(len(groups))))
-    samples = []
-    for group, res in zip(groups, results):
+    samples = {}
+    for group, res in zip(groups, pool.map(run, range(len(groups)))):
         for i, task in enumerate(group):
             flat = ctx.layout.flatten(res.state_dicts[i])
             ids = list(task.classes)
             metrics = {"task_id": task.task_id, "split": task.split, "k": len(ids),
                        "oracle_acc": round(res.oracle_acc[i], 5), "selection_acc": round(res.selection_acc[i], 5),
                        "steps": fc.steps, "final_loss": round(res.final_loss[i], 5)}  # fmt: skip
-            samples.append((task.task_id, encode_sample(task, flat, [names[c] for c in ids], ctx.variants[ids],
-                                                        [prompts[c] for c in ids], metrics)))  # fmt: skip
-    write_shard(ctx.zoo / shard.name, samples)
+            samples[task.task_id] = encode_sample(task, flat, [names[c] for c in ids], ctx.variants[ids],
+                                                  [prompts[c] for c in ids], metrics)  # fmt: skip
+    for sh in shards:
+        write_shard(ctx.zoo / sh.name, [(t.task_id, samples[t.task_id]) for t in sh.tasks])
+
+
+def shard_batches(todo: list, group_size: int) -> list[list]:
+    """Consecutive shards batched until they hold at least one group's worth of tasks (>= 1 shard each)."""
+    batches, cur, n = [], [], 0
+    for sh in todo:
+        cur.append(sh)
+        n += len(sh.tasks)
+        if n >= group_size:
+            batches.append(cur)
+            cur, n = [], 0
+    return batches + ([cur] if cur else [])
 
 
 def finalize(zoo: Path, plan_json: dict, shards) -> dict | None:
@@ -166,7 +183,8 @@ def build(cfg: ZooConfig, rank: int = 0, world_size: int = 1) -> dict | None:
         raise TinaError(f"rank must be in [0, world_size), got rank={rank} world_size={world_size}")
     zoo = Path(cfg.out)
     zoo.mkdir(parents=True, exist_ok=True)
-    threads, workers = cfg.runtime.resolved_threads(), cfg.runtime.resolved_workers()
+    device = cfg.runtime.resolved_device()
+    threads, workers = cfg.runtime.resolved_threads(), cfg.runtime.resolved_workers(device)
     torch.set_num_threads(threads)
     fit.tune_malloc()
     t0 = time.perf_counter()
@@ -193,7 +211,7 @@ def build(cfg: ZooConfig, rank: int = 0, world_size: int = 1) -> dict | None:
         raise TinaError(f"{zoo / generic.GENERIC_WEIGHTS} is missing or was trained with other settings; delete {zoo} and rebuild")
     state = loaded[0]
     features = frozen_features(cfg, dataset, state)
-    data = make_fit_data(cfg, dataset, state, features)
+    data = make_fit_data(cfg, dataset, state, features).to(device)
     ctx = ShardContext(cfg, zoo, _fit_net(cfg, dataset.image, layout.feature_dim), state, data, layout,
                        list(dataset.classes), load_vocab(zoo)["variants"], [class_variants(c) for c in dataset.classes])
 
@@ -201,14 +219,17 @@ def build(cfg: ZooConfig, rank: int = 0, world_size: int = 1) -> dict | None:
     remove_stale_tmp(zoo, [s.name for s in mine])
     todo = [s for s in mine if not (zoo / s.name).is_file()]
     total, done = sum(len(s.tasks) for s in mine), sum(len(s.tasks) for s in mine if s not in todo)
-    log.info("rank %d/%d: %d of %d shard(s) to build (%d models), %d worker(s) x %d thread(s)",
-             rank, world_size, len(todo), len(mine), total - done, workers, max(1, threads // workers))  # fmt: skip
+    log.info("rank %d/%d: %d of %d shard(s) to build (%d models) on %s, groups of %d, %d worker(s) x %d thread(s)",
+             rank, world_size, len(todo), len(mine), total - done, device, cfg.runtime.resolved_group_size(device),
+             workers, max(1, threads // workers))  # fmt: skip
     torch.set_num_threads(max(1, threads // workers))  # parallel groups, each single-threaded by default
     bar = tqdm(total=total, initial=done, desc=f"zoo {zoo.name}", unit="model", smoothing=0.05)
     try:
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            for shard in todo:
-                build_shard(ctx, shard, pool, bar)
+            # CPU: one shard at a time (its groups on parallel workers); GPU: enough shards for a full group.
+            per_batch = cfg.runtime.resolved_group_size(device) if workers == 1 else 1
+            for batch in shard_batches(todo, per_batch):
+                build_shards(ctx, batch, pool, bar)
     finally:
         bar.close()
         torch.set_num_threads(threads)

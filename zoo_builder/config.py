@@ -27,6 +27,7 @@ class TasksConfig:
     """How tasks (ordered lists of distinct class ids) are sampled; see zoo_builder/tasks.py."""
 
     train: int = 1800  # tasks the generator trains on
+    val: int = 0  # held-out class sets for validation while training (disjoint from unseen_combo)
     unseen_combo: int = 200  # held-out tasks whose class SET never occurs in train
     unseen_class: int = 0  # held-out tasks with at least one held-out class
     held_out_classes: int = 0  # classes that occur in no train / unseen_combo task
@@ -38,7 +39,7 @@ class TasksConfig:
     def __post_init__(self):
         if self.k_min < 2 or self.k_max < self.k_min:
             raise ValueError(f"tasks need 2 <= k_min <= k_max, got k_min={self.k_min} k_max={self.k_max}")
-        if min(self.train, self.unseen_combo, self.unseen_class, self.held_out_classes) < 0:
+        if min(self.train, self.val, self.unseen_combo, self.unseen_class, self.held_out_classes) < 0:
             raise ValueError("task counts and held_out_classes must be >= 0")
         if self.unseen_class and not self.held_out_classes:
             raise ValueError("unseen_class tasks need held_out_classes > 0")
@@ -68,8 +69,6 @@ class FinetuneConfig:
     lr: float = 2e-3  # Adam peak learning rate (linear warmup, cosine decay to 0)
     warmup_steps: int = 10
     head_lr_mult: float = 1.0  # the head's learning rate relative to the body's
-    group_size: int = 25  # models trained together in one batched computation (one stacked Adam)
-    images_per_call: int = 128  # models x images per forward/backward call: keeps temporaries in cache
     train_per_class: int = 0  # training images per class a task may use (0 = all)
     eval_per_class: int = 300  # fixed test images per class for oracle / selection accuracy
     eval_chunk: int = 128  # evaluation images per model per forward pass
@@ -88,22 +87,52 @@ class FinetuneConfig:
     def __post_init__(self):
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"finetune.precision must be fp32 or bf16, got {self.precision!r}")
-        if self.steps < 0 or self.batch_size < 1 or self.group_size < 1 or self.eval_per_class < 1:
-            raise ValueError("finetune: steps >= 0, batch_size, group_size and eval_per_class >= 1")
+        if self.steps < 0 or self.batch_size < 1 or self.eval_per_class < 1:
+            raise ValueError("finetune: steps >= 0, batch_size and eval_per_class >= 1")
 
 
 @dataclass
 class RuntimeConfig:
-    """How the build uses this machine; not part of the zoo's identity."""
+    """How the build uses this machine; not part of the zoo's identity: every model's minibatches
+    come from its own counter-based random stream (zoo_builder/fit.py), so grouping and device
+    change the speed, not the models (beyond float rounding across devices)."""
 
-    workers: int = 0  # groups fitted in parallel threads (0 = one per CPU core)
+    device: str = "auto"  # auto (cuda when available), cpu, cuda, cuda:N
+    group_size: int = 0  # models trained together in one stacked computation (0: 24 on CPU, 2048 on GPU)
+    images_per_call: int = 0  # models x images per forward/backward call (0: 128 on CPU, the whole group on GPU)
+    workers: int = 0  # groups fitted in parallel threads (0: one per CPU core; 1 on GPU)
     threads: int = 0  # torch threads (0 = os.cpu_count())
+
+    def __post_init__(self):
+        if min(self.group_size, self.images_per_call, self.workers, self.threads) < 0:
+            raise ValueError("runtime: group_size, images_per_call, workers and threads must be >= 0")
+
+    def resolved_device(self):
+        import torch
+
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dev = torch.device(self.device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            from tina.errors import TinaError
+
+            raise TinaError(f"runtime.device={self.device} but CUDA is not available here; use runtime.device=cpu")
+        return dev
 
     def resolved_threads(self) -> int:
         return self.threads or os.cpu_count() or 1
 
-    def resolved_workers(self) -> int:
-        return self.workers or os.cpu_count() or 1
+    def resolved_workers(self, device) -> int:
+        # A GPU runs one group at a time: a group of thousands of models already fills it.
+        return self.workers or (1 if device.type == "cuda" else os.cpu_count() or 1)
+
+    def resolved_group_size(self, device) -> int:
+        return self.group_size or (2048 if device.type == "cuda" else 24)
+
+    def models_per_call(self, device, batch_size: int) -> int:
+        """0 = the whole group. CPU: 128 images per call keep the temporaries in cache (~2x faster)."""
+        images = self.images_per_call or (0 if device.type == "cuda" else 128)
+        return max(1, images // batch_size) if images else 0
 
 
 @dataclass

@@ -345,6 +345,10 @@ class FitData:
     std: torch.Tensor
     eval_features: torch.Tensor  # (N_eval, D) generic-model features of `eval`: selection accuracy needs no forward pass
 
+    def to(self, device: torch.device | str) -> "FitData":
+        """Every tensor on `device` (a GPU build keeps the whole uint8 training set there: 47 MB for Fashion-MNIST)."""
+        return FitData(**{f: getattr(self, f).to(device) for f in self.__dataclass_fields__})
+
     def inputs(self, source: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Rows idx (G, B) of `source` as network inputs: normalised float (G, B, H, W, C) or features (G, B, D)."""
         x = source[idx]
@@ -375,12 +379,44 @@ def class_tables(tasks: list[list[int]], k_max: int) -> tuple[torch.Tensor, torc
     return ids, ks, kmask
 
 
-def sample_batch(data: FitData, ids: torch.Tensor, ks: torch.Tensor, batch: int, gen: torch.Generator):
-    """Class-balanced minibatch per model: (G, B) training indices and labels (class positions 0..k-1)."""
-    G = ids.shape[0]
-    pos = (torch.rand(G, batch, generator=gen) * ks[:, None]).long()  # (G, B)
+_MASK32 = 0xFFFFFFFF
+
+
+def hash32(x: torch.Tensor) -> torch.Tensor:
+    """An avalanching 32-bit integer hash of int64 values in [0, 2^32) (C. Wellons' two-round
+    "lowbias32" shape). Both multipliers are < 2^31, so int64 products never overflow and the
+    result is the same on every device."""
+    x = x ^ (x >> 16)
+    x = (x * 0x21F0AAAD) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x735A2D97) & _MASK32
+    return x ^ (x >> 15)
+
+
+def model_keys(seed: int, task_numbers) -> torch.Tensor:
+    """One random stream per model, keyed by (seed, task number): (G,) int64 in [0, 2^32)."""
+    n = torch.as_tensor(task_numbers, dtype=torch.long) & _MASK32
+    return hash32(n ^ int(hash32(torch.tensor(seed & _MASK32)).item()))
+
+
+def counter_uniform(keys: torch.Tensor, step: int, stream: int, n: int) -> torch.Tensor:
+    """(G, n) uniforms in [0, 1), a pure function of (key, step, stream, column).
+
+    Counter-based rather than a torch.Generator: a model's minibatches depend on its own task and
+    seed only, not on which models share its group, how groups are sliced, or the device, so
+    group size is a runtime choice (24 on a CPU, thousands on a GPU) that never changes a zoo."""
+    h = hash32(hash32(keys ^ (stream & _MASK32)) ^ (step & _MASK32))  # (G,)
+    cols = torch.arange(n, device=keys.device)
+    u = hash32((h[:, None] + cols[None, :]) & _MASK32)  # (G, n)
+    return (u >> 8).float() * (1.0 / (1 << 24))  # 24 bits: exact in float32, always < 1
+
+
+def sample_batch(data: FitData, ids: torch.Tensor, ks: torch.Tensor, batch: int, keys: torch.Tensor, step: int):
+    """Class-balanced minibatch per model: (G, B) training indices and labels (class positions 0..k-1).
+    Every tensor lives on the data's device; `keys` (G,) from model_keys."""
+    pos = (counter_uniform(keys, step, 0, batch) * ks[:, None]).long()  # (G, B)
     cls = ids.gather(1, pos)
-    j = (torch.rand(G, batch, generator=gen) * data.train_count[cls]).long()
+    j = (counter_uniform(keys, step, 1, batch) * data.train_count[cls]).long()
     return data.train_order[data.train_start[cls] + j], pos
 
 
@@ -398,15 +434,15 @@ def evaluate(net, p: dict[str, torch.Tensor], source: torch.Tensor, data: FitDat
                      ks[lo : lo + per_call], chunk)
             for lo in range(0, G, per_call)
         ])  # fmt: skip
-    k_max = ids.shape[1]
+    k_max, dev = ids.shape[1], ids.device
     # Each model's evaluation list: its classes' examples back to back, labelled by position.
-    n = (data.eval_count[ids] * (torch.arange(k_max)[None, :] < ks[:, None])).sum(1)  # (G,)
+    kmask = torch.arange(k_max, device=dev)[None, :] < ks[:, None]
+    n = (data.eval_count[ids] * kmask).sum(1)  # (G,)
     L = int(n.max())
-    correct = torch.zeros(G)
-    kmask = torch.arange(k_max)[None, :] < ks[:, None]
+    correct = torch.zeros(G, device=dev)
     ends = torch.cumsum(data.eval_count[ids] * kmask, 1)  # (G, k) running totals
     for lo in range(0, L, chunk):
-        r = torch.arange(lo, min(lo + chunk, L))[None, :].expand(G, -1)  # (G, b) slot numbers
+        r = torch.arange(lo, min(lo + chunk, L), device=dev)[None, :].expand(G, -1)  # (G, b) slot numbers
         pos = torch.searchsorted(ends, r.contiguous(), right=True).clamp_max(k_max - 1)  # class position of each slot
         valid = r < n[:, None]
         cls = ids.gather(1, pos)
@@ -434,29 +470,37 @@ class GroupResult:
     final_loss: list[float]
 
 
-def fit_group(net, generic: dict[str, torch.Tensor], tasks: list[list[int]], data: FitData, cfg, gen: torch.Generator) -> GroupResult:
+def fit_group(net, generic: dict[str, torch.Tensor], tasks: list[list[int]], keys: torch.Tensor, data: FitData, cfg,
+              models_per_call: int = 0) -> GroupResult:
     """Initialise each task's model from the generic one (classifier selection), fine-tune all of
-    them together for cfg.steps steps, and evaluate before and after. `cfg`: FinetuneConfig."""
+    them together for cfg.steps steps, and evaluate before and after.
+
+    `keys` (G,): each model's random stream (model_keys); `cfg`: FinetuneConfig. Runs on the device
+    of `data` (FitData.to); `models_per_call` models per forward/backward (0 = the whole group)."""
+    dev = data.train.device
     k_max = max(len(t) for t in tasks)
-    ids, ks, kmask = class_tables(tasks, k_max)
+    ids, ks, kmask = (t.to(dev) for t in class_tables(tasks, k_max))
+    keys = keys.to(dev)
     init = []
     for t in tasks:  # classifier selection: generic body, the generic head rows of the task's classes
         sd = {n: v for n, v in generic.items() if n in ("head.weight", "head.bias") or n.startswith("body.")}
         sd["head.weight"], sd["head.bias"] = generic["head.weight"][t], generic["head.bias"][t]
         init.append(sd)
-    params = net.pack(init, k_max)
+    params = {n: t.to(dev) for n, t in net.pack(init, k_max).items()}
     # Selection accuracy = the generic model restricted to the task's classes: generic features
     # (computed once for the whole evaluation set) through the selected head rows.
     head = StackedLinear(data.eval_features.shape[1])
-    selection = evaluate(head, head.pack(init, k_max), data.eval_features, data, ids, ks, cfg.eval_chunk)
-    per_call = max(1, cfg.images_per_call // cfg.batch_size)  # models per forward/backward call
-    trainer = StackedTrainer(net, params, kmask, cfg.lr, per_call, cfg.head_lr_mult)
+    head_params = {n: t.to(dev) for n, t in head.pack(init, k_max).items()}
+    selection = evaluate(head, head_params, data.eval_features, data, ids, ks, cfg.eval_chunk)
+    trainer = StackedTrainer(net, params, kmask, cfg.lr, models_per_call, cfg.head_lr_mult)
     loss = torch.zeros(len(tasks))
     for step in range(cfg.steps):
         trainer.set_lr(lr_at(step, cfg.steps, cfg.lr, cfg.warmup_steps))
-        idx, y = sample_batch(data, ids, ks, cfg.batch_size, gen)
+        idx, y = sample_batch(data, ids, ks, cfg.batch_size, keys, step)
         loss = trainer.step(data.inputs(data.train, idx), y)
-    oracle = evaluate(net, params, data.eval, data, ids, ks, cfg.eval_chunk, max(1, cfg.images_per_call // cfg.eval_chunk))
+    eval_per_call = max(1, models_per_call * cfg.batch_size // cfg.eval_chunk) if models_per_call else 0
+    oracle = evaluate(net, params, data.eval, data, ids, ks, cfg.eval_chunk, eval_per_call)
+    params = {n: t.cpu() for n, t in params.items()}
     sds = [net.state_dict(params, i, len(t)) for i, t in enumerate(tasks)]
     return GroupResult(sds, oracle.tolist(), selection.tolist(), loss.tolist())
 
@@ -478,5 +522,5 @@ def training_flops(target: str, image_channels: int, size: int, k: int, feature_
 
 __all__ = [
     "StackedCNN5k", "StackedLinear", "StackedTrainer", "FitData", "GroupResult", "class_index",
-    "class_tables", "sample_batch", "evaluate", "fit_group", "tune_malloc", "training_flops",
+    "class_tables", "counter_uniform", "model_keys", "sample_batch", "evaluate", "fit_group", "tune_malloc", "training_flops",
 ]  # fmt: skip

@@ -12,7 +12,6 @@ byte-identical to the one a killed build would have written.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -42,11 +41,6 @@ class Shard:
     @property
     def name(self) -> str:
         return f"{self.split}-{self.number:06d}.tar"
-
-    def seed(self, base_seed: int) -> int:
-        """A seed of its own, so any shard can be (re)built alone and comes out the same."""
-        digest = hashlib.sha256(f"{base_seed}/{self.split}/{self.number}".encode()).digest()
-        return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 def plan_shards(plan: TaskPlan, shard_size: int) -> list[Shard]:

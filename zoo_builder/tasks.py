@@ -2,6 +2,8 @@
 
 A task is an ordered list of k distinct class ids (head row i = class ids[i]). Splits:
   train         what the generator learns from;
+  val           held-out class sets for choosing a generator's settings (validation during training),
+                disjoint from train and from unseen_combo, so unseen_combo stays a clean test split;
   unseen_combo  held-out class SETS: every class occurs in train, but never this combination;
   unseen_class  tasks with at least one held-out class, a class that occurs in no train task.
 The sampler is a pure function of (number of classes, TasksConfig): same seed, same tasks.
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 
 from tina.errors import TinaError
 
-SPLITS = ("train", "unseen_combo", "unseen_class")
+SPLITS = ("train", "val", "unseen_combo", "unseen_class")
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,11 @@ def task_id(i: int) -> str:
     return f"task-{i:06d}"
 
 
+def task_number(tid: str) -> int:
+    """task_id's inverse: "task-000123" -> 123."""
+    return int(tid.rsplit("-", 1)[1])
+
+
 def sample_tasks(num_classes: int, cfg) -> TaskPlan:
     """Sample a TaskPlan for a dataset of `num_classes` classes (`cfg`: TasksConfig)."""
     if cfg.held_out_classes >= num_classes - 1:
@@ -67,27 +74,35 @@ def sample_tasks(num_classes: int, cfg) -> TaskPlan:
     if cfg.k_min > k_hi:
         raise TinaError(f"k_min={cfg.k_min} exceeds the {len(seen)} classes available to train tasks")
 
-    # Held-out combinations first. A size k may give up at most max_held_out_fraction of its
-    # C(n, k) sets, so train keeps every size (e.g. the one 10-class set of a 10-class dataset).
+    # Held-out combinations first (unseen_combo, then val). A size k may give up at most
+    # max_held_out_fraction of its C(n, k) sets, so train keeps every size (e.g. the one 10-class
+    # set of a 10-class dataset).
     budget = {k: math.floor(cfg.max_held_out_fraction * math.comb(len(seen), k)) for k in range(cfg.k_min, k_hi + 1)}
     sizes = [k for k, b in budget.items() if b > 0]
-    if cfg.unseen_combo and sum(budget.values()) < cfg.unseen_combo:
+    wanted = cfg.unseen_combo + cfg.val
+    if wanted and sum(budget.values()) < wanted:
         raise TinaError(
-            f"only {sum(budget.values())} class sets can be held out for unseen_combo (asked {cfg.unseen_combo}); "
-            f"lower tasks.unseen_combo or raise tasks.max_held_out_fraction"
+            f"only {sum(budget.values())} class sets can be held out for unseen_combo + val (asked {wanted}); "
+            f"lower tasks.unseen_combo / tasks.val or raise tasks.max_held_out_fraction"
         )
     held_sets: set[frozenset[int]] = set()
-    combo: list[tuple[int, ...]] = []
-    while len(combo) < cfg.unseen_combo:
-        k = rng.choice(sizes)
-        if sum(1 for s in held_sets if len(s) == k) >= budget[k]:
-            sizes.remove(k)
-            continue
-        order = tuple(rng.sample(seen, k))
-        if frozenset(order) in held_sets:
-            continue
-        held_sets.add(frozenset(order))
-        combo.append(order)
+
+    def draw_held_out(n: int) -> list[tuple[int, ...]]:
+        out: list[tuple[int, ...]] = []
+        while len(out) < n:
+            k = rng.choice(sizes)
+            if sum(1 for s in held_sets if len(s) == k) >= budget[k]:
+                sizes.remove(k)
+                continue
+            order = tuple(rng.sample(seen, k))
+            if frozenset(order) in held_sets:
+                continue
+            held_sets.add(frozenset(order))
+            out.append(order)
+        return out
+
+    combo = draw_held_out(cfg.unseen_combo)
+    val = draw_held_out(cfg.val)  # after unseen_combo: adding a val split leaves the test tasks as they were
 
     # Train: any size, any set not held out. Sets may repeat (in another order, with another
     # fine-tuning run); an exact repeat of an ordered list is avoided while that is possible.
@@ -116,7 +131,7 @@ def sample_tasks(num_classes: int, cfg) -> TaskPlan:
         unseen_class.append(tuple(picked))
 
     tasks, i = [], 0
-    for split, lists in (("train", train), ("unseen_combo", combo), ("unseen_class", unseen_class)):
+    for split, lists in (("train", train), ("val", val), ("unseen_combo", combo), ("unseen_class", unseen_class)):
         for order in lists:
             tasks.append(Task(task_id(i), split, order))
             i += 1
