@@ -11,6 +11,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -326,9 +327,30 @@ def test_build_resumes_after_sigkill_without_losing_or_duplicating(tiny_zoo, tmp
     keys = [s["__key__"] for s in samples]
     assert sorted(keys) == sorted(man["tasks"]) and len(keys) == len(set(keys))
     assert not list(out.glob("*.tmp"))
-    # Per-shard seeds: every shard equals the one the uninterrupted build wrote.
+    # Per-model random streams: every shard equals the one the uninterrupted build wrote.
     for name in sorted(p.name for p in out.glob("*.tar")):
         assert (out / name).read_bytes() == (tiny_zoo / name).read_bytes(), name
+
+
+def test_groups_spanning_shards_build_the_same_zoo(tiny_zoo, tmp_path):
+    """The GPU path's grouping (one worker, groups that span shards) on the CPU: the same models."""
+    from zoo_builder.build import build, shard_batches
+
+    shards = [SimpleNamespace(tasks=(0,) * 10) for _ in range(5)]
+    assert [len(b) for b in shard_batches(shards, 25)] == [3, 2]  # shards batched until a group is full
+    assert [len(b) for b in shard_batches(shards, 1)] == [1] * 5
+    out = tmp_path / "grouped"
+    out.mkdir()
+    for name in ("generic.safetensors", "generic.json", "vocab.safetensors"):
+        shutil.copy(tiny_zoo / name, out / name)
+    man = build(_tiny_cfg(out, "runtime.workers=1", "runtime.group_size=25", "runtime.images_per_call=0"))
+    assert man is not None
+    (_, ref), (_, got) = _samples(tiny_zoo), _samples(out)
+    ref, got = {s["__key__"]: s for s in ref}, {s["__key__"]: s for s in got}
+    assert ref.keys() == got.keys()
+    for key, s in ref.items():
+        np.testing.assert_allclose(got[key]["params.npy"], s["params.npy"], rtol=1e-4, atol=1e-5, err_msg=key)
+        assert got[key]["metrics.json"]["selection_acc"] == s["metrics.json"]["selection_acc"]
 
 
 def test_ranks_split_shards_and_the_last_one_finalizes(tiny_zoo, tmp_path):
