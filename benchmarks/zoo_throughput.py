@@ -168,36 +168,34 @@ def main(argv=None) -> dict:
     mm = matmul_gflops(device=dev)
     T = args.threads
     B, S = args.batch, args.steps
+    # Each row: (its tasks, fn(tasks, steps) -> seconds).
     if gpu:
         runs = {
-            f"batched fp32 (groups of {group})": (tasks, lambda: run_batched(data, init, tasks, S, B, group, 1, T, per_call)),
-            f"batched bf16 (groups of {group})": (tasks, lambda: run_batched(data, init, tasks, S, B, group, 1, T, per_call,
-                                                                              torch.bfloat16)),
-            "loop, nn.Module (NCHW)": (loop_tasks, lambda: run_loop(data, init, loop_tasks, S, B, T, False)),
-            "loop, nn.Module (channels-last)": (loop_tasks, lambda: run_loop(data, init, loop_tasks, S, B, T, True)),
-            "loop, nn.Module (bf16 autocast)": (loop_tasks, lambda: run_loop(data, init, loop_tasks, S, B, T, False, bf16=True)),
+            f"batched fp32 (groups of {group})": (tasks, lambda ts, n: run_batched(data, init, ts, n, B, group, 1, T, per_call)),
+            f"batched bf16 (groups of {group})": (tasks, lambda ts, n: run_batched(data, init, ts, n, B, group, 1, T, per_call,
+                                                                                    torch.bfloat16)),
+            "loop, nn.Module (NCHW)": (loop_tasks, lambda ts, n: run_loop(data, init, ts, n, B, T, False)),
+            "loop, nn.Module (channels-last)": (loop_tasks, lambda ts, n: run_loop(data, init, ts, n, B, T, True)),
+            "loop, nn.Module (bf16 autocast)": (loop_tasks, lambda ts, n: run_loop(data, init, ts, n, B, T, False, bf16=True)),
         }  # fmt: skip
     else:
         runs = {
-            f"batched ({T} workers x 1 thread)": (tasks, lambda: run_batched(data, init, tasks, S, B, group, T, 1, per_call)),
-            f"batched (1 worker x {T} threads)": (tasks, lambda: run_batched(data, init, tasks, S, B, group, 1, T, per_call)),
-            f"batched bf16 ({T} workers x 1 thread)": (tasks, lambda: run_batched(data, init, tasks, S, B, group, T, 1, per_call,
-                                                                                   torch.bfloat16)),
-            "loop, nn.Module (NCHW)": (loop_tasks, lambda: run_loop(data, init, loop_tasks, S, B, T, False)),
-            "loop, nn.Module (channels-last)": (loop_tasks, lambda: run_loop(data, init, loop_tasks, S, B, T, True)),
-            "loop, nn.Module (NCHW, 1 thread)": (loop_tasks, lambda: run_loop(data, init, loop_tasks, S, B, 1, False)),
-            "loop, nn.Module (bf16 autocast)": (loop_tasks, lambda: run_loop(data, init, loop_tasks, S, B, T, False, bf16=True)),
+            f"batched ({T} workers x 1 thread)": (tasks, lambda ts, n: run_batched(data, init, ts, n, B, group, T, 1, per_call)),
+            f"batched (1 worker x {T} threads)": (tasks, lambda ts, n: run_batched(data, init, ts, n, B, group, 1, T, per_call)),
+            f"batched bf16 ({T} workers x 1 thread)": (tasks, lambda ts, n: run_batched(data, init, ts, n, B, group, T, 1, per_call,
+                                                                                         torch.bfloat16)),
+            "loop, nn.Module (NCHW)": (loop_tasks, lambda ts, n: run_loop(data, init, ts, n, B, T, False)),
+            "loop, nn.Module (channels-last)": (loop_tasks, lambda ts, n: run_loop(data, init, ts, n, B, T, True)),
+            "loop, nn.Module (NCHW, 1 thread)": (loop_tasks, lambda ts, n: run_loop(data, init, ts, n, B, 1, False)),
+            "loop, nn.Module (bf16 autocast)": (loop_tasks, lambda ts, n: run_loop(data, init, ts, n, B, T, False, bf16=True)),
         }  # fmt: skip
-    # Warm up every path on a little work (kernel selection, allocator), then time each once at full size.
-    small = tasks[:2]
-    run_batched(data, init, small, 2, B, group, 1, T, per_call)
-    run_batched(data, init, small, 2, B, group, 1, T, per_call, torch.bfloat16)
-    run_loop(data, init, small, 2, B, T, False)
-    run_loop(data, init, small, 2, B, T, False, bf16=True)
     rows = []
     for name, (ts, fn) in runs.items():
+        # Warm-up: the same row for 2 steps (same shapes and threads). oneDNN builds its convolution
+        # primitives per shape and thread count, about a second each, which a real build pays once.
+        fn(ts, 2)
         cpu0 = _cpu_seconds()
-        sec = fn()
+        sec = fn(ts, S)
         cpu = _cpu_seconds() - cpu0
         work = len(ts) * per_model
         rows.append({"name": name, "models": len(ts), "seconds": round(sec, 2), "cpu_seconds": round(cpu, 2),
