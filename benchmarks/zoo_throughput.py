@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from tina.targets import ImageSpec, get_target
 from zoo_builder import fit
+from zoo_builder.config import RuntimeConfig
 
 IMAGE = ImageSpec(1, 28, (0.286,), (0.353,))
 
@@ -144,7 +145,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--k", type=int, default=10, help="classes per model")
     ap.add_argument("--group-size", type=int, default=0, help="0: 24 on CPU, every model in one group on a GPU")
-    ap.add_argument("--images-per-call", type=int, default=0, help="0: 128 on CPU, the whole group on a GPU")
+    ap.add_argument("--images-per-call", type=int, default=0, help="0: the zoo builder's default (RuntimeConfig)")
     ap.add_argument("--loop-models", type=int, default=0,
                     help="models the one-at-a-time loop trains (0: --models on CPU, 32 on a GPU, where the loop "
                          "is linear in models and thousands would take many minutes)")
@@ -163,8 +164,7 @@ def main(argv=None) -> dict:
     loop_tasks = tasks_for(args.loop_models or (32 if gpu else args.models), args.k)
     per_model = args.steps * args.batch * fit.training_flops("cnn-5k", 1, 28, args.k)
     group = args.group_size or (args.models if gpu else 24)
-    images = args.images_per_call or (0 if gpu else 128)
-    per_call = max(1, images // args.batch) if images else 0
+    per_call = RuntimeConfig(images_per_call=args.images_per_call).models_per_call(dev, args.batch)
     mm = matmul_gflops(device=dev)
     T = args.threads
     B, S = args.batch, args.steps

@@ -99,7 +99,7 @@ class RuntimeConfig:
 
     device: str = "auto"  # auto (cuda when available), cpu, cuda, cuda:N
     group_size: int = 0  # models trained together in one stacked computation (0: 24 on CPU, 2048 on GPU)
-    images_per_call: int = 0  # models x images per forward/backward call (0: 128 on CPU, the whole group on GPU)
+    images_per_call: int = 0  # models x images per forward/backward call (0: 384 on CPU, the whole group on GPU)
     workers: int = 0  # groups fitted in parallel threads (0: one per CPU core; 1 on GPU)
     threads: int = 0  # torch threads (0 = os.cpu_count())
 
@@ -130,8 +130,9 @@ class RuntimeConfig:
         return self.group_size or (2048 if device.type == "cuda" else 24)
 
     def models_per_call(self, device, batch_size: int) -> int:
-        """0 = the whole group. CPU: 128 images per call keep the temporaries in cache (~2x faster)."""
-        images = self.images_per_call or (0 if device.type == "cuda" else 128)
+        """0 = the whole group. CPU: a few hundred images per call keep the temporaries in cache (12 models
+        of batch 32: 5-15% faster than 4 or 24 per call; a whole 24-model group streams through memory)."""
+        images = self.images_per_call or (0 if device.type == "cuda" else 384)
         return max(1, images // batch_size) if images else 0
 
 
