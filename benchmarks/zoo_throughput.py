@@ -88,8 +88,7 @@ def run_batched(data, init, tasks, steps, batch, group_size, workers, threads, p
         gt = groups[j]
         k_max = max(len(t) for t in gt)
         ids, ks, kmask = (t.to(dev) for t in fit.class_tables(gt, k_max))
-        sds = [dict(init, **{"head.weight": init["head.weight"][t], "head.bias": init["head.bias"][t]}) for t in gt]
-        params = {n: t.to(dev) for n, t in net.pack(sds, k_max).items()}
+        params = {n: t.to(dev) for n, t in net.pack(fit.selection_state_dicts(init, gt), k_max).items()}
         trainer = fit.StackedTrainer(net, params, kmask, 1e-3, per_call)
         keys = fit.model_keys(j, range(len(gt))).to(dev)
         for step in range(steps):
@@ -114,7 +113,7 @@ def run_loop(data, init, tasks, steps, batch, threads, channels_last: bool, bf16
     t0 = time.perf_counter()
     for m, t in enumerate(tasks):
         net = get_target("cnn-5k").build(len(t), IMAGE)
-        net.load_state_dict(dict(init, **{"head.weight": init["head.weight"][t], "head.bias": init["head.bias"][t]}))
+        net.load_state_dict(fit.selection_state_dicts(init, [t])[0])
         net.to(dev, memory_format=fmt)
         opt = torch.optim.Adam(net.parameters(), lr=1e-3)
         ids, ks, _ = (x.to(dev) for x in fit.class_tables([t], len(t)))

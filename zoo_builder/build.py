@@ -115,23 +115,22 @@ class ShardContext:
     names: list[str]  # class names
     variants: torch.Tensor  # (num_classes, V, E) text embeddings
     prompts: list[list[str]]  # variant strings per class
+    group_size: int  # models per stacked computation (runtime, resolved for the device)
+    models_per_call: int  # models per forward/backward call (0 = the whole group)
 
 
 def build_shards(ctx: ShardContext, shards: list, pool: ThreadPoolExecutor, bar) -> None:
     """Fine-tune the tasks of a few shards together, in groups (on parallel threads), then write
     each shard atomically. Groups may span shards: a GPU wants thousands of models per group,
     more than one shard holds."""
-    fc, rt, names, prompts = ctx.cfg.finetune, ctx.cfg.runtime, ctx.names, ctx.prompts
-    dev = ctx.data.train.device
+    fc, names, prompts, size = ctx.cfg.finetune, ctx.names, ctx.prompts, ctx.group_size
     tasks = [t for sh in shards for t in sh.tasks]
-    size = rt.resolved_group_size(dev)
     groups = [tasks[lo : lo + size] for lo in range(0, len(tasks), size)]
 
     def run(j):
         # Each model's random stream is keyed by its task number: results never depend on grouping or scheduling.
         keys = fit.model_keys(fc.seed, [task_number(t.task_id) for t in groups[j]])
-        res = fit.fit_group(ctx.net, ctx.generic, [list(t.classes) for t in groups[j]], keys, ctx.data, fc,
-                            rt.models_per_call(dev, fc.batch_size))
+        res = fit.fit_group(ctx.net, ctx.generic, [list(t.classes) for t in groups[j]], keys, ctx.data, fc, ctx.models_per_call)
         bar.update(len(groups[j]))
         return res
 
@@ -213,21 +212,22 @@ def build(cfg: ZooConfig, rank: int = 0, world_size: int = 1) -> dict | None:
     features = frozen_features(cfg, dataset, state)
     data = make_fit_data(cfg, dataset, state, features).to(device)
     ctx = ShardContext(cfg, zoo, _fit_net(cfg, dataset.image, layout.feature_dim), state, data, layout,
-                       list(dataset.classes), load_vocab(zoo)["variants"], [class_variants(c) for c in dataset.classes])
+                       list(dataset.classes), load_vocab(zoo)["variants"], [class_variants(c) for c in dataset.classes],
+                       cfg.runtime.resolved_group_size(device), cfg.runtime.models_per_call(device, cfg.finetune.batch_size))
 
     mine = [s for s in shards if s.index % world_size == rank]
     remove_stale_tmp(zoo, [s.name for s in mine])
     todo = [s for s in mine if not (zoo / s.name).is_file()]
     total, done = sum(len(s.tasks) for s in mine), sum(len(s.tasks) for s in mine if s not in todo)
     log.info("rank %d/%d: %d of %d shard(s) to build (%d models) on %s, groups of %d, %d worker(s) x %d thread(s)",
-             rank, world_size, len(todo), len(mine), total - done, device, cfg.runtime.resolved_group_size(device),
+             rank, world_size, len(todo), len(mine), total - done, device, ctx.group_size,
              workers, max(1, threads // workers))  # fmt: skip
     torch.set_num_threads(max(1, threads // workers))  # parallel groups, each single-threaded by default
     bar = tqdm(total=total, initial=done, desc=f"zoo {zoo.name}", unit="model", smoothing=0.05)
     try:
         with ThreadPoolExecutor(max_workers=workers) as pool:
             # CPU: one shard at a time (its groups on parallel workers); GPU: enough shards for a full group.
-            per_batch = cfg.runtime.resolved_group_size(device) if workers == 1 else 1
+            per_batch = ctx.group_size if workers == 1 else 1
             for batch in shard_batches(todo, per_batch):
                 build_shards(ctx, batch, pool, bar)
     finally:

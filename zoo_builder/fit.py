@@ -116,6 +116,14 @@ def _head_loss(f: torch.Tensor, wh: torch.Tensor, bh: torch.Tensor, y: torch.Ten
     return loss, dl.div_(B)
 
 
+def _head_backward(f: torch.Tensor, p: dict, y: torch.Tensor, kmask: torch.Tensor, dtype: torch.dtype):
+    """The head and its loss in float32 over features f (G, B, D): loss (G,), the head's gradients
+    {"wh", "bh"}, and the loss's gradient w.r.t. f in the convolutions' dtype."""
+    loss, dl = _head_loss(f, p["wh"], p["bh"], y, kmask)
+    g = {"wh": torch.bmm(f.transpose(1, 2), dl), "bh": dl.sum(1)}
+    return loss, g, torch.bmm(dl, p["wh"].transpose(1, 2)).to(dtype)
+
+
 class StackedCNN5k:
     """G cnn-5k models as stacked tensors (channels-last kernel layout) with forward and backward.
 
@@ -260,9 +268,7 @@ class StackedCNN5k:
         H1, W1, H2, W2 = H // 2, W // 2, H // 4, W // 4
         dt = self.dtype
         f, s = self._forward(p, x.to(dt), keep=True)
-        loss, dl = _head_loss(f, p["wh"], p["bh"], y, kmask)  # the head and its loss in float32
-        g = {"wh": torch.bmm(f.transpose(1, 2), dl), "bh": dl.sum(1)}
-        df = torch.bmm(dl, p["wh"].transpose(1, 2)).to(dt)  # (G, B, D)
+        loss, g, df = _head_backward(f, p, y, kmask, dt)
         w2, w3 = s["w2"], s["w3"]  # in the compute dtype, as the forward used them
         dM3 = df.reshape(s["M3shape"])  # (GB, c3, H3, W3)
         dA3 = aten.max_pool2d_with_indices_backward(dM3, s["A3n"], [2, 2], [2, 2], [0, 0], [1, 1], False, s["I3"])
@@ -300,10 +306,8 @@ class StackedCNN5k:
             a2 = F.relu(F.max_pool2d(F.conv2d(a1, k2.contiguous(memory_format=cl), b2, padding=1, groups=G), 2))
             a3 = F.max_pool2d(F.relu(F.conv2d(a2, k3.contiguous(memory_format=cl), b3, padding=1, groups=G)), 2)
             f = a3.reshape(B, G, -1).transpose(0, 1)  # (G, B, D) in TargetNet's (c3, H3, W3) order
-        ff = f.detach().float()
-        loss, dl = _head_loss(ff, p["wh"], p["bh"], y, kmask)  # the head and its loss in float32
-        g = {"wh": torch.bmm(ff.transpose(1, 2), dl), "bh": dl.sum(1)}
-        torch.autograd.backward(f, torch.bmm(dl, p["wh"].transpose(1, 2)).to(dt))
+        loss, g, df = _head_backward(f.detach().float(), p, y, kmask, dt)
+        torch.autograd.backward(f, df)
         g["w2"] = k2.grad.view(G, c2, c1, 3, 3).permute(0, 3, 4, 2, 1).reshape(G, 9 * c1, c2)
         g["w3"] = k3.grad.view(G, c3, c2, 3, 3).permute(0, 3, 4, 2, 1).reshape(G, 9 * c2, c3)
         g["b2"], g["b3"] = b2.grad.view(G, c2), b3.grad.view(G, c3)
@@ -528,6 +532,13 @@ class GroupResult:
     final_loss: list[float]
 
 
+def selection_state_dicts(generic: dict[str, torch.Tensor], tasks: list[list[int]]) -> list[dict[str, torch.Tensor]]:
+    """Classifier selection, every task's starting point: the generic body and the generic head's
+    rows for the task's classes, in task order."""
+    body = {n: v for n, v in generic.items() if n.startswith("body.")}
+    return [dict(body, **{"head.weight": generic["head.weight"][t], "head.bias": generic["head.bias"][t]}) for t in tasks]
+
+
 def fit_group(net, generic: dict[str, torch.Tensor], tasks: list[list[int]], keys: torch.Tensor, data: FitData, cfg,
               models_per_call: int = 0) -> GroupResult:
     """Initialise each task's model from the generic one (classifier selection), fine-tune all of
@@ -539,11 +550,7 @@ def fit_group(net, generic: dict[str, torch.Tensor], tasks: list[list[int]], key
     k_max = max(len(t) for t in tasks)
     ids, ks, kmask = (t.to(dev) for t in class_tables(tasks, k_max))
     keys = keys.to(dev)
-    init = []
-    for t in tasks:  # classifier selection: generic body, the generic head rows of the task's classes
-        sd = {n: v for n, v in generic.items() if n in ("head.weight", "head.bias") or n.startswith("body.")}
-        sd["head.weight"], sd["head.bias"] = generic["head.weight"][t], generic["head.bias"][t]
-        init.append(sd)
+    init = selection_state_dicts(generic, tasks)
     params = {n: t.to(dev) for n, t in net.pack(init, k_max).items()}
     # Selection accuracy = the generic model restricted to the task's classes: generic features
     # (computed once for the whole evaluation set) through the selected head rows.
@@ -580,5 +587,6 @@ def training_flops(target: str, image_channels: int, size: int, k: int, feature_
 
 __all__ = [
     "StackedCNN5k", "StackedLinear", "StackedTrainer", "FitData", "GroupResult", "class_index",
-    "class_tables", "counter_uniform", "model_keys", "sample_batch", "evaluate", "fit_group", "tune_malloc", "training_flops",
+    "class_tables", "counter_uniform", "model_keys", "sample_batch", "evaluate", "selection_state_dicts", "fit_group",
+    "tune_malloc", "training_flops",
 ]  # fmt: skip
