@@ -93,7 +93,7 @@ def run_batched(data, init, tasks, steps, batch, group_size, workers, threads, p
         keys = fit.model_keys(j, range(len(gt))).to(dev)
         for step in range(steps):
             idx, y = fit.sample_batch(data, ids, ks, batch, keys, step)
-            trainer.step(data.inputs(data.train, idx), y)
+            trainer.step(net.train_inputs(data, idx), y)
 
     torch.set_num_threads(threads)
     _sync(dev)

@@ -1,0 +1,290 @@
+"""The pooling, ReLU and window-gathering steps of batched cnn-5k training, as fused C kernels on a
+CPU, with a pure-torch twin of every kernel for GPUs and machines without a C compiler.
+
+Why C: around the convolutions of a ~5K-parameter CNN, the torch ops (max-pool with indices, the
+scatter backward into a zero-filled tensor, ReLU masks, layout copies) cost more than the
+convolutions themselves; one pass per chain halves a CPU training step (see kernels.c). Why ctypes
+and not a torch C++ extension: kernels.c includes no headers beyond libc, so it compiles in under a
+second with any C compiler (a torch extension takes ~30 s and needs ninja), and ctypes drops the GIL
+during each call, so the zoo builder's worker threads run kernels in parallel.
+
+The shared library is built once per source, compiler flags and CPU (it uses -march=native) into
+$TINA_KERNEL_CACHE (default ~/.cache/tina/kernels), written under a temporary name and renamed.
+TINA_KERNELS=0 turns the C kernels off. If compiling fails, training logs one warning and runs the
+torch twins: the same results (bit for bit in float32), about 1.7x slower.
+
+Both backends expose the same five operations; `state` is whatever a backward needs, opaque to callers.
+Pooled positions follow max_pool2d's tie rule (first maximum in scan order); outputs where
+relu(max) == 0 pass no gradient, like ReLU's backward.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from tina.errors import TinaError
+from tina.targets import CNN5kBody
+
+log = logging.getLogger(__name__)
+aten = torch.ops.aten
+
+SOURCE = Path(__file__).with_name("kernels.c")
+SOURCES = (SOURCE, SOURCE.with_name("kernels_body.h"))  # what the library is built from (its cache key)
+FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC", "-std=gnu11")
+_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
+_C1 = 8  # the conv1 width kernels.c is specialised for
+
+
+def _nhwc(t: torch.Tensor) -> torch.Tensor:
+    """An NCHW tensor with channels-last memory -> its (N, H, W, C) contiguous view (a copy only if needed)."""
+    return t.permute(0, 2, 3, 1).contiguous()
+
+
+class TorchKernels:
+    """The kernels as torch ops: any device, any dtype."""
+
+    name = "torch"
+
+    @staticmethod
+    def patches4(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """x (N, H, W, C) -> (N, H/2, W/2, 16C) in dtype: the 4x4 input window (zero padding 1) of each pooled pixel."""
+        x = x.to(dtype)
+        N, H, W, C = x.shape
+        xp = F.pad(x, (0, 0, 1, 1, 1, 1))
+        s = xp.stride()
+        win = xp.as_strided((N, H // 2, W // 2, 4, 4 * C), (s[0], 2 * s[1], 2 * s[2], s[1], 1))
+        return win.reshape(N, H // 2, W // 2, 16 * C)
+
+    @staticmethod
+    def windows(images: torch.Tensor, rows: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, dtype: torch.dtype):
+        """conv1's input windows from uint8 images (N, H, W, C): rows (M,), normalised by mean/std (C,)
+        -> (M, H/2, W/2, 16C) in dtype (patches4 of the normalised images)."""
+        x = images[rows].float().div_(255.0).sub_(mean).div_(std)  # as FitData.inputs
+        return TorchKernels.patches4(x, dtype)
+
+    @staticmethod
+    def pool_relu(z: torch.Tensor):
+        """relu(2x2 max-pool): z (N, H, W, C) -> a (N, H/2, W/2, C), state."""
+        zn = z.permute(0, 3, 1, 2)  # NCHW view of channels-last memory
+        m, i = aten.max_pool2d_with_indices(zn, [2, 2], [2, 2])
+        a = _nhwc(torch.relu(m))
+        return a, (zn, i, a)
+
+    @staticmethod
+    def pool_relu_backward(da: torch.Tensor, state) -> torch.Tensor:
+        """da (N, H/2, W/2, C) -> dz (N, H, W, C)."""
+        zn, i, a = state
+        dm = (da * (a > 0)).permute(0, 3, 1, 2)
+        return _nhwc(aten.max_pool2d_with_indices_backward(dm, zn, [2, 2], [2, 2], [0, 0], [1, 1], False, i))
+
+    @staticmethod
+    def conv1(P: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor):
+        """conv1 + 2x2 max-pool + bias + ReLU: P (G, R, 16C) each pooled pixel's 4x4 input window,
+        w1 (G, 3, 3, C, c), b1 (G, c) -> a (R, G, c), the grouped layout (model g = channels g*c..), state."""
+        G, R, c = P.shape[0], P.shape[1], w1.shape[-1]
+        # One matmul per model gives a window's 4 conv outputs; each model writes its rows of one
+        # (R, G, 4c) array, so the pool reads and writes the grouped layout (MKL takes the strided output).
+        z = P.new_empty(R, G, 4 * c)
+        torch.bmm(P, block_weight(w1.to(P.dtype)), out=z.transpose(0, 1))
+        zv = z.view(R * G, 4, 1, c).permute(0, 3, 1, 2)  # (R*G, c, 4, 1), channels-last
+        m, i = aten.max_pool2d_with_indices(zv, [4, 1], [4, 1])
+        m = m.view(R, G, c) + b1.to(P.dtype)
+        return torch.relu(m), (zv, i, m > 0)
+
+    @staticmethod
+    def conv1_backward(da: torch.Tensor, state, P: torch.Tensor):
+        """conv1's backward from its pooled output: da (R, G, c), P (G, R, 16C) its input windows
+        -> w1's gradient (G, 3, 3, C, c) and b1's (G, c), float32."""
+        zv, i, pos = state
+        R, G, c = pos.shape
+        dm = (da * pos).contiguous()  # (R, G, c)
+        dz = aten.max_pool2d_with_indices_backward(
+            dm.view(R * G, 1, 1, c).permute(0, 3, 1, 2), zv, [4, 1], [4, 1], [0, 0], [1, 1], False, i
+        )  # (R*G, c, 4, 1), channels-last
+        dz = dz.permute(0, 2, 3, 1).reshape(R, G, 4 * c).transpose(0, 1)  # (G, R, 4c)
+        return block_weight_grad(P, dz), dm.sum(0, dtype=torch.float32)
+
+
+# conv1 + 2x2 pool as one matmul per pooled pixel: its 4x4 input window times a block weight whose
+# 4 column blocks are the 3x3 kernel placed at the pool's 4 positions (max_pool2d's scan order).
+POSITIONS = ((0, 0), (0, 1), (1, 0), (1, 1))
+
+
+def block_weight(w1: torch.Tensor) -> torch.Tensor:
+    """w1 (G, 3, 3, C, c1) -> (G, 16C, 4*c1): a 4x4 window to the 2x2 conv outputs it pools over."""
+    G, C, c1 = w1.shape[0], w1.shape[3], w1.shape[4]
+    wb = w1.new_zeros(G, 4, 4, C, 4, c1)
+    for j, (py, px) in enumerate(POSITIONS):
+        wb[:, py : py + 3, px : px + 3, :, j, :] = w1
+    return wb.view(G, 16 * C, 4 * c1)
+
+
+def block_weight_grad(P: torch.Tensor, dZ: torch.Tensor) -> torch.Tensor:
+    """P (G, R, 16C) windows, dZ (G, R, 4*c1) the block outputs' gradient -> w1's gradient
+    (G, 3, 3, C, c1) in float32: the block weight's gradient, each position's kernel summed back."""
+    G, C, c1 = P.shape[0], P.shape[2] // 16, dZ.shape[2] // 4
+    dwb = torch.bmm(P.transpose(1, 2), dZ).view(G, 4, 4, C, 4, c1)
+    return sum(dwb[:, py : py + 3, px : px + 3, :, j, :].float() for j, (py, px) in enumerate(POSITIONS))
+
+
+class CKernels:
+    """The kernels of kernels.c on CPU tensors in float32 or bfloat16 (other dtypes: TorchKernels)."""
+
+    name = "c"
+
+    def __init__(self, lib: ctypes.CDLL):
+        self.lib = lib
+
+    def _fn(self, name: str, dtype: torch.dtype):
+        return getattr(self.lib, f"{name}_{_SUFFIX[dtype]}")
+
+    @staticmethod
+    def _args(*tensors_and_ints):
+        return [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int64(a) for a in tensors_and_ints]
+
+    patches4 = staticmethod(TorchKernels.patches4)
+
+    def windows(self, images, rows, mean, std, dtype):
+        if dtype not in _SUFFIX or images.dtype != torch.uint8:
+            return TorchKernels.windows(images, rows, mean, std, dtype)
+        images, rows = images.contiguous(), rows.reshape(-1).contiguous()
+        N, H, W, C = images.shape
+        # each byte's normalised value per channel, by the same float32 ops as FitData.inputs
+        lut = torch.arange(256, dtype=torch.float32)[:, None].div(255.0).sub(mean).div(std).to(dtype).contiguous()
+        p = torch.empty(len(rows), H // 2, W // 2, 16 * C, dtype=dtype)
+        self._fn("patches4_u8", dtype)(*self._args(images, rows, lut, p, len(rows), H, W, C))
+        return p
+
+    def pool_relu(self, z: torch.Tensor):
+        if z.dtype not in _SUFFIX:
+            return TorchKernels.pool_relu(z)
+        z = z.contiguous()
+        N, H, W, C = z.shape
+        a = z.new_empty(N, H // 2, W // 2, C)
+        idx = torch.empty(N, H // 2, W // 2, C, dtype=torch.uint8)
+        self._fn("pool_relu_fwd", z.dtype)(*self._args(z, a, idx, N, H, W, C))
+        return a, (idx, H, W)
+
+    def pool_relu_backward(self, da: torch.Tensor, state) -> torch.Tensor:
+        if not isinstance(state[0], torch.Tensor) or state[0].dtype != torch.uint8:
+            return TorchKernels.pool_relu_backward(da, state)
+        idx, H, W = state
+        da = da.contiguous()
+        N, C = da.shape[0], da.shape[3]
+        dz = da.new_empty(N, H, W, C)
+        self._fn("pool_relu_bwd", da.dtype)(*self._args(da, idx, dz, N, H, W, C))
+        return dz
+
+    def conv1(self, P: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor):
+        G, R, c = P.shape[0], P.shape[1], w1.shape[-1]
+        if P.dtype not in _SUFFIX or c != _C1:
+            return TorchKernels.conv1(P, w1, b1)
+        P = P.contiguous()
+        w1, b1 = (t.to(P.dtype).float().contiguous() for t in (w1, b1))  # as the compute dtype holds them
+        a = P.new_empty(R, G, c)
+        idx = torch.empty(R, G, c, dtype=torch.uint8)
+        self._fn("conv1_fwd", P.dtype)(*self._args(P, w1, b1, a, idx, G, R, P.shape[2] // 16))
+        return a, (idx,)
+
+    def conv1_backward(self, da: torch.Tensor, state, P: torch.Tensor):
+        if len(state) != 1:
+            return TorchKernels.conv1_backward(da, state, P)
+        (idx,) = state
+        da, P = da.contiguous(), P.contiguous()
+        R, G, c = da.shape
+        C = P.shape[2] // 16
+        dw = torch.empty(G, 3, 3, C, c)
+        db = torch.empty(G, c)
+        self._fn("conv1_bwd", da.dtype)(*self._args(da, idx, P, dw, db, G, R, C))
+        return dw, db
+
+
+# ---- building and loading the shared library ----------------------------------------------------
+
+_lock = threading.Lock()
+_loaded: dict[str, CKernels | None] = {}
+
+
+def _cache_dir() -> Path:
+    env = os.environ.get("TINA_KERNEL_CACHE")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tina" / "kernels"
+
+
+def _cpu_id() -> str:
+    """What -march=native depends on: a library built for one CPU may not run on another."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def _compile(cc: str, out: Path) -> None:
+    """Compile kernels.c into `out`, atomically (a temporary name in the same folder, then a rename)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True, text=True, timeout=120)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load() -> CKernels | None:
+    """The compiled kernels (built on first use), or None where they cannot be had (logged once)."""
+    if os.environ.get("TINA_KERNELS", "1") == "0":
+        return None
+    if CNN5kBody.widths[0] != _C1:
+        return None
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    with _lock:
+        if "lib" in _loaded:
+            return _loaded["lib"]
+        kernels = None
+        if cc is None:
+            log.warning("no C compiler (cc, gcc or clang) found: batched CPU training uses torch ops (~1.7x slower)")
+        else:
+            key = hashlib.sha256(b"".join(f.read_bytes() for f in SOURCES) + " ".join(FLAGS).encode() + cc.encode() + _cpu_id().encode())
+            path = _cache_dir() / f"kernels-{key.hexdigest()[:16]}.so"
+            try:
+                if not path.exists():
+                    log.info("compiling %s -> %s", SOURCE.name, path)
+                    _compile(cc, path)
+                kernels = CKernels(ctypes.CDLL(str(path)))
+            except (OSError, subprocess.SubprocessError) as e:
+                detail = getattr(e, "stderr", "") or str(e)
+                log.warning("could not build the CPU kernels (%s): batched CPU training uses torch ops (~1.7x slower)",
+                            detail.strip().splitlines()[-1] if detail.strip() else e)
+        _loaded["lib"] = kernels
+        return kernels
+
+
+def backend(device: torch.device, choice: str = "auto"):
+    """The kernels for tensors on `device`: "c" (TinaError if unavailable), "torch", or "auto" (C on a CPU when it builds)."""
+    if choice not in ("auto", "c", "torch"):
+        raise ValueError(f"kernels must be auto, c or torch, got {choice!r}")
+    if choice == "torch" or device.type != "cpu":
+        if choice == "c":
+            raise TinaError(f"the C kernels run on a CPU, not on {device}")
+        return TorchKernels
+    lib = load()
+    if lib is None and choice == "c":
+        raise TinaError("the C kernels are unavailable (TINA_KERNELS=0, or no working C compiler; see the log)")
+    return lib or TorchKernels
