@@ -38,7 +38,7 @@ def zoo_throughput(quick: bool) -> dict:
         if e.name != "benchmarks.zoo_throughput":
             raise
         return {"skipped": "benchmarks/zoo_throughput.py does not exist yet"}
-    argv = ["--models", "12", "--steps", "20"] if quick else []
+    argv = ["--models", "12", "--steps", "20", "--repeats", "1"] if quick else []
     try:
         r = mod.main(argv)
     except SystemExit as e:  # its argparse rejected the arguments

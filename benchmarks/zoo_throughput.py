@@ -1,7 +1,7 @@
 """Zoo fine-tuning throughput: the batched trainer vs a plain one-model-at-a-time loop, at equal work.
 
-    python benchmarks/zoo_throughput.py [--models 48 --steps 50 --batch 32] [--json out.json]
-    python benchmarks/zoo_throughput.py --device cuda --models 8192     # on a GPU
+    python -m benchmarks.zoo_throughput [--models 48 --steps 50 --batch 32 --repeats 3] [--json out.json]
+    python -m benchmarks.zoo_throughput --device cuda --models 8192     # on a GPU
 
 Both sides train the same number of cnn-5k models x steps x minibatch on the same kind of data
 (uint8 28x28 images gathered per step from a 60,000-image pool, normalised, class labels), starting
@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from tina.targets import ImageSpec, get_target
 from zoo_builder import fit
+from benchmarks import median
 from zoo_builder.config import RuntimeConfig
 
 IMAGE = ImageSpec(1, 28, (0.286,), (0.353,))
@@ -150,6 +151,7 @@ def main(argv=None) -> dict:
                          "is linear in models and thousands would take many minutes)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--repeats", type=int, default=3, help="rounds over all rows; each row reports its median")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
@@ -188,18 +190,27 @@ def main(argv=None) -> dict:
             "loop, nn.Module (NCHW, 1 thread)": (loop_tasks, lambda ts, n: run_loop(data, init, ts, n, B, 1, False)),
             "loop, nn.Module (bf16 autocast)": (loop_tasks, lambda ts, n: run_loop(data, init, ts, n, B, T, False, bf16=True)),
         }  # fmt: skip
-    rows = []
+    # Rows run round-robin, --repeats rounds, and report their medians: on a small shared machine one
+    # row's wall clock can swing by 30% between runs (the 2-thread loop most), and interleaving puts
+    # every row under the same conditions.
+    times = {name: [] for name in runs}
     for name, (ts, fn) in runs.items():
         # Warm-up: the same row for 2 steps (same shapes and threads). oneDNN builds its convolution
         # primitives per shape and thread count, about a second each, which a real build pays once.
         fn(ts, 2)
-        cpu0 = _cpu_seconds()
-        sec = fn(ts, S)
-        cpu = _cpu_seconds() - cpu0
+    for _ in range(args.repeats):
+        for name, (ts, fn) in runs.items():
+            cpu0 = _cpu_seconds()
+            sec = fn(ts, S)
+            times[name].append((sec, _cpu_seconds() - cpu0))
+    rows = []
+    for name, (ts, _) in runs.items():
+        sec, cpu = median(t for t, _ in times[name]), median(c for _, c in times[name])
         work = len(ts) * per_model
+        per_min = [round(len(ts) / t * 60, 1) for t, _ in times[name]]
         rows.append({"name": name, "models": len(ts), "seconds": round(sec, 2), "cpu_seconds": round(cpu, 2),
-                     "models_per_minute": round(len(ts) / sec * 60, 1), "gflops": round(work / sec / 1e9, 1),
-                     "gflop_per_cpu_second": round(work / cpu / 1e9, 1)})  # fmt: skip
+                     "models_per_minute": round(len(ts) / sec * 60, 1), "models_per_minute_range": [min(per_min), max(per_min)],
+                     "gflops": round(work / sec / 1e9, 1), "gflop_per_cpu_second": round(work / cpu / 1e9, 1)})  # fmt: skip
     base = next(r for r in rows if r["name"] == "loop, nn.Module (NCHW)")
     for r in rows:  # per-model rates: equal work per model, whatever the model counts
         r["speedup_vs_loop"] = round(r["models_per_minute"] / base["models_per_minute"], 2)
@@ -208,18 +219,19 @@ def main(argv=None) -> dict:
         "machine": {"device": where, "cpu_count": os.cpu_count(), "threads": T, "torch": torch.__version__,
                     "platform": platform.platform(), "matmul_2048_gflops": round(mm, 1),
                     "load_avg_1min": round(os.getloadavg()[0], 2)},
-        "work": {"models": args.models, "loop_models": len(loop_tasks), "steps": S, "batch": B, "k": args.k,
+        "work": {"models": args.models, "loop_models": len(loop_tasks), "steps": S, "batch": B, "k": args.k, "repeats": args.repeats,
                  "gflop_per_model": round(per_model / 1e9, 3)},
         "rows": rows,
     }  # fmt: skip
     print(f"cnn-5k fine-tuning on {where}: {args.models} models (loop: {len(loop_tasks)}) x {S} steps x batch {B} "
           f"(k={args.k}), {per_model / 1e9:.2f} GFLOP per model; 2048^2 fp32 matmul: {mm:.0f} GFLOP/s; "
-          f"load avg {os.getloadavg()[0]:.1f}")  # fmt: skip
-    print(f"{'trainer':40s} {'models':>6s} {'seconds':>8s} {'models/min':>11s} {'GFLOP/s':>8s} {'vs loop':>8s} {'cpu s':>7s} "
-          f"{'GFLOP/cpu-s':>12s}")
+          f"load avg {os.getloadavg()[0]:.1f}; medians of {args.repeats} interleaved rounds")  # fmt: skip
+    print(f"{'trainer':40s} {'models':>6s} {'seconds':>8s} {'models/min':>11s} {'(range)':>15s} {'GFLOP/s':>8s} {'vs loop':>8s} "
+          f"{'cpu s':>7s} {'GFLOP/cpu-s':>12s}")
     for r in rows:
-        print(f"{r['name']:40s} {r['models']:6d} {r['seconds']:8.2f} {r['models_per_minute']:11.1f} {r['gflops']:8.1f} "
-              f"{r['speedup_vs_loop']:7.2f}x {r['cpu_seconds']:7.2f} {r['gflop_per_cpu_second']:12.1f}")
+        lo, hi = r["models_per_minute_range"]
+        print(f"{r['name']:40s} {r['models']:6d} {r['seconds']:8.2f} {r['models_per_minute']:11.1f} {f'{lo:.0f}-{hi:.0f}':>15s} "
+              f"{r['gflops']:8.1f} {r['speedup_vs_loop']:7.2f}x {r['cpu_seconds']:7.2f} {r['gflop_per_cpu_second']:12.1f}")
     print(json.dumps(result))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

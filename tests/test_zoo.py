@@ -81,14 +81,17 @@ def _nets(ks, image, seed=0):
     return [get_target("cnn-5k").build(k, image) for k in ks]
 
 
-@pytest.mark.parametrize("impl", ["bmm", "grouped"])
+IMPLS = [("bmm", "auto"), ("grouped", "auto"), ("grouped", "torch")]  # grouped + auto = the C kernels where they build
+
+
+@pytest.mark.parametrize("impl,kern", IMPLS)
 @pytest.mark.parametrize("channels,size", [(1, 28), (3, 32)])
-def test_batched_cnn_equals_per_model_training(channels, size, impl):
-    """Three models with different k: stacked forward + Adam steps match separate TargetNets (both conv backends)."""
+def test_batched_cnn_equals_per_model_training(channels, size, impl, kern):
+    """Three models with different k: stacked forward + Adam steps match separate TargetNets (every conv backend)."""
     image = ImageSpec(channels, size, (0.3,) * channels, (0.35,) * channels)
     ks, B, steps = [2, 5, 3], 12, 3
     nets = _nets(ks, image)
-    net = fit.StackedCNN5k(channels, size, conv_impl=impl)
+    net = fit.StackedCNN5k(channels, size, conv_impl=impl, kernels=kern)
     K = max(ks)
     params = net.pack([n.state_dict() for n in nets], K)
     kmask = torch.arange(K)[None] < torch.tensor(ks)[:, None]
@@ -135,15 +138,15 @@ def test_conv_input_gradient_matches_autograd(dtype):
     assert ((got - ref).norm() / ref.norm()).item() < tol
 
 
-@pytest.mark.parametrize("impl", ["bmm", "grouped"])
-def test_bf16_batched_training_tracks_float32(impl):
+@pytest.mark.parametrize("impl,kern", IMPLS)
+def test_bf16_batched_training_tracks_float32(impl, kern):
     """precision=bf16: same losses as float32 to bf16 accuracy, and the models learn as well."""
     image = ImageSpec(1, 28, (0.3,), (0.35,))
     ks, B, steps = [2, 4, 3], 32, 30
     runs = {}
     for dtype in (torch.float32, torch.bfloat16):
         nets = _nets(ks, image)
-        net = fit.StackedCNN5k(1, 28, dtype, conv_impl=impl)
+        net = fit.StackedCNN5k(1, 28, dtype, conv_impl=impl, kernels=kern)
         params = net.pack([n.state_dict() for n in nets], max(ks))
         trainer = fit.StackedTrainer(net, params, torch.arange(max(ks))[None] < torch.tensor(ks)[:, None], lr=3e-3)
         gen = torch.Generator().manual_seed(0)

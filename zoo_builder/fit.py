@@ -5,13 +5,16 @@ Every step each model draws its own class-balanced minibatch from its own classe
 forward/backward pass over (G, B, ...) tensors updates all of them; Adam is elementwise, so the
 models stay independent (a model's update never depends on another's gradient).
 
-cnn-5k: conv1 + max-pool are fused: each pooled pixel's 4x4 input window is multiplied by a block
-weight (16C, 4 positions x 8 channels), so the first matmul is (rows, 16C) @ (16C, 32) instead of a
-badly shaped (rows, 9C) @ (9C, 8), and pooling becomes a max over the 4 positions; its backward is
-hand-written. conv2 and conv3 (StackedCNN5k.conv_impl):
-  * grouped (CPU default): one grouped convolution over all models of a call (model g = channel group
-    g), channels-last, through autograd: oneDNN's direct convolution reads each activation once where
-    im2col copies it nine times; 1.6x faster per model-step than bmm on a CPU core;
+cnn-5k: conv1 + max-pool are fused: each pooled pixel's 4x4 input window times a block weight
+(16C, 4 positions x 8 channels) gives the 4 conv outputs the pool takes the max of, so conv1 is one
+well-shaped product per pooled pixel and the pre-pool activations are never needed whole. Two paths
+(StackedCNN5k.conv_impl):
+  * grouped (CPU default): conv2 and conv3 are one grouped convolution over all models of a call
+    (model g = channel group g, channels-last; oneDNN's direct convolution, forward and backward
+    called directly, no autograd graph). Everything else (conv1 + pool + ReLU from the uint8 images,
+    its weight gradient, pool + ReLU and their backward) runs in the fused C kernels of
+    zoo_builder/kernels.c, or their torch twins where no C compiler is present. On a CPU core this
+    is 1.6x (float32) and 1.8x (bf16) faster per model-step than the same path in torch ops.
   * bmm (GPU default): im2col + `torch.bmm` with the model dimension as the bmm batch, channels-last,
     hand-written backward. Why not autograd: these layers are tiny (8-24 channels), so time goes to
     memory traffic and per-op overhead; ReLU is applied after pooling (max and ReLU commute), and input
@@ -130,7 +133,8 @@ class StackedCNN5k:
     """G cnn-5k models as stacked tensors (channels-last kernel layout) with forward and backward.
 
     Parameters (a dict): w1 (G, 3, 3, C, c1), b1 (G, c1), w2 (G, 9*c1, c2), b2, w3 (G, 9*c2, c3), b3,
-    wh (G, D, K) = head.weight transposed, bh (G, K). Inputs are normalised images (G, B, H, W, C).
+    wh (G, D, K) = head.weight transposed, bh (G, K). Inputs are normalised images (G, B, H, W, C),
+    or for training on the grouped path, Windows (train_inputs).
     """
 
     kind = "images"
@@ -144,15 +148,14 @@ class StackedCNN5k:
         self.C, self.size = in_channels, size
         self.c1, self.c2, self.c3 = CNN5kBody.widths
         self.dtype = compute_dtype  # of the convolutions' training forward/backward (see fit_dtype)
-        # How conv2/conv3 train (conv1 + pool is always the block-weight bmm below):
+        # How the models train (see the module docstring):
         #   bmm      im2col + bmm with a hand-written backward (the GPU path: 47k models/min on an H100);
-        #   grouped  one grouped convolution over all models (model g = channel group g), channels-last,
-        #            autograd: oneDNN's direct convolution needs no im2col copies, 1.6x faster per
-        #            model-step on a CPU core (float32; 1.5x in bf16).
+        #   grouped  grouped oneDNN convolutions + fused kernels: on a CPU core 2.3x (float32) and 2.8x
+        #            (bf16) the model-steps per second of bmm.
         # auto: grouped on a CPU, bmm on a GPU (grouped is untimed there).
         self.conv_impl = conv_impl
-        # The grouped path's pooling/ReLU/window steps: "c" (zoo_builder/kernels.c), "torch", or
-        # "auto" (C on a CPU where it compiles). The results are the same; C is ~1.7x faster per step.
+        # The grouped path's kernels: "c" (zoo_builder/kernels.c), "torch" (their twins), or "auto"
+        # (C on a CPU where it compiles). float32 results agree to rounding; see kernels.py.
         self.kernels = kernels
 
     # -- conversion to and from TargetNet state dicts --

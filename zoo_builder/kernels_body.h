@@ -178,10 +178,9 @@ void CAT(patches4_u8, SFX)(const uint8_t *restrict images, const int64_t *restri
                         for (int64_t c = 0; c < C; c++) r[(1 + x) * C + c] = lut[src[x * C + c] * C + c];
             }
             T *out = p + (m * Ho + y) * Wo * 16 * C;
-            if (C == 1) /* a constant length: unrolled and vectorised */
+            if (C == 1) /* a constant length: one 4-element move per window row */
                 for (int64_t x0 = 0; x0 < Wo; x0++)
-                    for (int64_t dy = 0; dy < 4; dy++)
-                        for (int64_t k = 0; k < 4; k++) out[x0 * 16 + dy * 4 + k] = buf[dy][2 * x0 + k];
+                    for (int64_t dy = 0; dy < 4; dy++) memcpy(out + x0 * 16 + dy * 4, buf[dy] + 2 * x0, 4 * sizeof(T));
             else
                 for (int64_t x0 = 0; x0 < Wo; x0++)
                     for (int64_t dy = 0; dy < 4; dy++)
