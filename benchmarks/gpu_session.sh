@@ -43,7 +43,7 @@ for step in setup $steps; do
   case $step in
     setup) setup ;;
     tests) timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tail -5 ;;
-    bench) timeout 300 python3 benchmarks/zoo_throughput.py --device cuda --models 8192 --group-size 2048 \
+    bench) timeout 300 python3 -m benchmarks.zoo_throughput --device cuda --repeats 1 --models 8192 --group-size 2048 \
              --json "$OUT/zoo_throughput_h100.json" | grep -v "^{" ;;
     zoo) zoo ;;
     train) train ;;

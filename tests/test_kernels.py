@@ -100,6 +100,9 @@ def test_training_step_with_c_kernels_matches_torch_kernels_and_bmm():
             torch.testing.assert_close(loss, loss0, atol=1e-5, rtol=1e-5)
             for n in g0:
                 torch.testing.assert_close(g[n], g0[n], atol=1e-5, rtol=1e-4, msg=f"{choice} {n}")
+        # evaluation's forward (float32 windows of the eval pool) gives the same logits as the bmm path's
+        logits = net.logits(p, net.inputs(data, data.eval, idx))
+        torch.testing.assert_close(logits, ref_net.logits(p, data.inputs(data.eval, idx)), atol=1e-5, rtol=1e-5)
 
 
 @needs_c

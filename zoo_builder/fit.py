@@ -252,23 +252,31 @@ class StackedCNN5k:
             s.update(s1, w2=p["w2"], w3=p["w3"], cols2=cols2, Z2n=Z2n, I2=I2, A2=A2, cols3=cols3, A3=A3, A3n=A3n, I3=I3, M3shape=M3.shape)
         return f, s
 
-    def logits(self, p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        """x (G, B, H, W, C) normalised -> logits (G, B, K) (padded classes not masked)."""
-        f, _ = self._forward(p, x, keep=False)
+    def logits(self, p: dict[str, torch.Tensor], x) -> torch.Tensor:
+        """x: normalised images (G, B, H, W, C) or Windows (inputs) -> logits (G, B, K) (padded classes
+        not masked). Always float32: the oracle accuracies a zoo records do not depend on precision."""
+        if isinstance(x, Windows):
+            f, _ = self._grouped_forward(p, x, torch.float32, kernels.backend(x.t.device, self.kernels))
+        else:
+            f, _ = self._forward(p, x, keep=False)
         return torch.baddbmm(p["bh"][:, None, :], f, p["wh"])
 
     def _impl(self, device: torch.device) -> str:
         return self.conv_impl if self.conv_impl != "auto" else ("bmm" if device.type == "cuda" else "grouped")
 
-    def train_inputs(self, data: "FitData", idx: torch.Tensor):
-        """A training batch for loss_and_grads from rows idx (G, B) of data.train: normalised images
-        (G, B, H, W, C), or on the grouped path conv1's input windows (Windows), which the kernels
-        build in one pass from the uint8 images (no normalised copy in between)."""
-        if self._impl(data.train.device) != "grouped" or data.train.dtype != torch.uint8:
-            return data.inputs(data.train, idx)
-        ops = kernels.backend(data.train.device, self.kernels)
-        w = ops.windows(data.train, idx.reshape(-1), data.mean, data.std, self.dtype)  # (G*B, H/2, W/2, 16C)
+    def inputs(self, data: "FitData", source: torch.Tensor, idx: torch.Tensor, dtype: torch.dtype = torch.float32):
+        """Network inputs for rows idx (G, B) of `source` (data.train or data.eval): normalised images
+        (G, B, H, W, C), or on the grouped path conv1's input windows in dtype (Windows), which the
+        kernels build in one pass from the uint8 images (no normalised copy in between)."""
+        if self._impl(source.device) != "grouped" or source.dtype != torch.uint8:
+            return data.inputs(source, idx)
+        ops = kernels.backend(source.device, self.kernels)
+        w = ops.windows(source, idx.reshape(-1), data.mean, data.std, dtype)  # (G*B, H/2, W/2, 16C)
         return Windows(w.view(*idx.shape, *w.shape[1:]))
+
+    def train_inputs(self, data: "FitData", idx: torch.Tensor):
+        """A training batch for loss_and_grads: inputs() of data.train in the training dtype."""
+        return self.inputs(data, data.train, idx, self.dtype)
 
     def loss_and_grads(self, p, x, y, kmask):
         """Mean cross-entropy per model (G,) and the gradient of its sum w.r.t. every stacked tensor.
@@ -295,19 +303,18 @@ class StackedCNN5k:
         self._conv1_backward(dA1.reshape(G, B * H1 * W1, c1), s, g)
         return loss, {n: t.float() for n, t in g.items()}
 
-    def _loss_and_grads_grouped(self, p, x, y, kmask):
-        """loss_and_grads with conv2/conv3 as grouped convolutions (see conv_impl) and the pooling,
-        ReLU and window steps from `kernels` (fused C on a CPU): same results as bmm up to rounding.
+    def _grouped_forward(self, p, x, dt: torch.dtype, ops):
+        """The grouped path's conv stack in dtype dt: x (Windows or normalised images) -> features
+        f (G, B, D) float32 in TargetNet's (c3, H3, W3) order, and what the backward needs.
 
         Layout: model g's channels are channel group g of one (B, H, W, G*c) channels-last batch."""
-        G, B = y.shape
         H = W = self.size
         C, c1, c2, c3 = self.C, self.c1, self.c2, self.c3
+        G, B = (x.t if isinstance(x, Windows) else x).shape[:2]
         H1, W1, H3, W3 = H // 2, W // 2, H // 8, W // 8
-        R1, dt = B * H1 * W1, self.dtype
-        ops = kernels.backend(y.device, self.kernels)
+        R1 = B * H1 * W1
         w = {n: t.to(dt) for n, t in p.items() if n not in ("wh", "bh")}
-        # conv1 + pool: one (16C -> 4 positions x c1) matmul per pooled pixel (see _conv1)
+        # conv1 + pool: one (16C -> 4 positions x c1) product per pooled pixel (see the module docstring)
         if isinstance(x, Windows):
             P1 = x.t.to(dt).view(G, R1, 16 * C)
         else:
@@ -320,14 +327,24 @@ class StackedCNN5k:
         a2 = A2.permute(0, 3, 1, 2)
         z3 = F.conv2d(a2, k3, w["b3"].reshape(-1), padding=1, groups=G)  # (B, G*c3, H2, W2)
         A3, s3 = ops.pool_relu(z3.permute(0, 2, 3, 1))  # (B, H3, W3, G*c3)
-        f = A3.view(B, H3 * W3, G, c3).permute(2, 0, 3, 1).reshape(G, B, -1).float()  # (G, B, D), (c3, H3, W3) order
+        f = A3.view(B, H3 * W3, G, c3).permute(2, 0, 3, 1).reshape(G, B, -1).float()  # (G, B, D)
+        return f, {"P1": P1, "s1": s1, "a1": a1, "k2": k2, "s2": s2, "a2": a2, "k3": k3, "s3": s3}
+
+    def _loss_and_grads_grouped(self, p, x, y, kmask):
+        """loss_and_grads with conv2/conv3 as grouped convolutions (see conv_impl) and everything else
+        from `kernels` (fused C on a CPU): the same results as bmm up to rounding."""
+        G, B = y.shape
+        c1, c2, c3 = self.c1, self.c2, self.c3
+        H3 = W3 = self.size // 8
+        dt, ops = self.dtype, kernels.backend(y.device, self.kernels)
+        f, s = self._grouped_forward(p, x, dt, ops)
         loss, g, df = _head_backward(f, p, y, kmask, dt)
         dA3 = df.view(G, B, c3, H3 * W3).permute(1, 3, 0, 2).reshape(B, H3, W3, G * c3)
-        dz3 = ops.pool_relu_backward(dA3, s3).permute(0, 3, 1, 2)  # (B, G*c3, H2, W2)
-        da2, dk3, db3 = _grouped_conv_backward(dz3, a2, k3, G)
-        dz2 = ops.pool_relu_backward(da2.permute(0, 2, 3, 1), s2).permute(0, 3, 1, 2)  # (B, G*c2, H1, W1)
-        da1, dk2, db2 = _grouped_conv_backward(dz2, a1, k2, G)
-        g["w1"], g["b1"] = ops.conv1_backward(da1.permute(0, 2, 3, 1).reshape(R1, G, c1), s1, P1)
+        dz3 = ops.pool_relu_backward(dA3, s["s3"]).permute(0, 3, 1, 2)  # (B, G*c3, H2, W2)
+        da2, dk3, db3 = _grouped_conv_backward(dz3, s["a2"], s["k3"], G)
+        dz2 = ops.pool_relu_backward(da2.permute(0, 2, 3, 1), s["s2"]).permute(0, 3, 1, 2)  # (B, G*c2, H1, W1)
+        da1, dk2, db2 = _grouped_conv_backward(dz2, s["a1"], s["k2"], G)
+        g["w1"], g["b1"] = ops.conv1_backward(da1.permute(0, 2, 3, 1).reshape(-1, G, c1), s["s1"], s["P1"])
         g["w2"] = dk2.view(G, c2, c1, 3, 3).permute(0, 3, 4, 2, 1).reshape(G, 9 * c1, c2)
         g["w3"] = dk3.view(G, c3, c2, 3, 3).permute(0, 3, 4, 2, 1).reshape(G, 9 * c2, c3)
         g["b2"], g["b3"] = db2.view(G, c2), db3.view(G, c3)
@@ -368,8 +385,11 @@ class StackedLinear:
     def logits(self, p, x):
         return torch.baddbmm(p["bh"][:, None, :], x, p["wh"])
 
+    def inputs(self, data: "FitData", source: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return data.inputs(source, idx)  # (G, B, D) features
+
     def train_inputs(self, data: "FitData", idx: torch.Tensor) -> torch.Tensor:
-        return data.inputs(data.train, idx)  # (G, B, D) features
+        return data.inputs(data.train, idx)
 
     def loss_and_grads(self, p, x, y, kmask):
         loss, dl = _head_loss(x, p["wh"], p["bh"], y, kmask)
@@ -543,7 +563,7 @@ def evaluate(net, p: dict[str, torch.Tensor], source: torch.Tensor, data: FitDat
         offset = r - (ends.gather(1, pos) - data.eval_count[cls])
         idx = data.eval_order[data.eval_start[cls] + offset.clamp(min=0).minimum(data.eval_count[cls] - 1)]
         with torch.no_grad():
-            logits = net.logits(p, data.inputs(source, idx)).masked_fill_(~kmask[:, None, :], float("-inf"))
+            logits = net.logits(p, net.inputs(data, source, idx)).masked_fill_(~kmask[:, None, :], float("-inf"))
         correct += ((logits.argmax(-1) == pos) & valid).sum(1).float()
     return correct / n.clamp_min(1)
 
