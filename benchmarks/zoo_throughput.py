@@ -92,8 +92,7 @@ def run_batched(data, init, tasks, steps, batch, group_size, workers, threads, p
         params = {n: t.to(dev) for n, t in net.pack(fit.selection_state_dicts(init, gt), k_max).items()}
         trainer = fit.StackedTrainer(net, params, kmask, 1e-3, per_call)
         keys = fit.model_keys(j, range(len(gt))).to(dev)
-        for step in range(steps):
-            idx, y = fit.sample_batch(data, ids, ks, batch, keys, step)
+        for idx, y in fit.minibatches(data, ids, ks, batch, keys, steps):
             trainer.step(net.train_inputs(data, idx), y)
 
     torch.set_num_threads(threads)

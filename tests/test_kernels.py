@@ -29,9 +29,11 @@ def test_pool_relu_and_backward_equal_torch(dtype, size):
     a_t, s_t = TorchKernels.pool_relu(z)
     assert torch.equal(a_c, a_t)
     da = torch.randn(a_t.shape).to(dtype)
-    dz_c, dz_t = C_LIB.pool_relu_backward(da, s_c), TorchKernels.pool_relu_backward(da, s_t)
+    (dz_c, db_c), (dz_t, db_t) = C_LIB.pool_relu_backward(da, s_c), TorchKernels.pool_relu_backward(da, s_t)
     assert torch.equal(dz_c, dz_t)
     assert dz_c.shape == z.shape and (dz_c != 0).sum() <= a_c.numel()
+    torch.testing.assert_close(db_c, dz_t.float().sum((0, 1, 2)), atol=1e-4, rtol=1e-5)  # the conv's bias gradient
+    torch.testing.assert_close(db_t, db_c, atol=1e-4, rtol=1e-5)
 
 
 @needs_c
@@ -142,7 +144,7 @@ def test_c_kernels_fall_back_for_other_dtypes():
     z = torch.randn(2, 6, 6, 4, dtype=torch.float64)
     a, s = C_LIB.pool_relu(z)
     torch.testing.assert_close(a, TorchKernels.pool_relu(z)[0])
-    assert C_LIB.pool_relu_backward(torch.ones_like(a), s).dtype == torch.float64
+    assert C_LIB.pool_relu_backward(torch.ones_like(a), s)[0].dtype == torch.float64
 
 
 def test_library_is_built_once_atomically_and_a_missing_compiler_is_a_warning(tmp_path, monkeypatch, caplog):

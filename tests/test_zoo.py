@@ -197,6 +197,14 @@ def test_minibatches_come_from_each_models_own_classes():
     for m, t in enumerate(tasks):
         assert set(y[m].tolist()) == set(range(len(t)))
         assert torch.equal(labels[idx[m]], torch.tensor(t)[y[m]])
+    # drawn many steps per call (as fit_group does) == one call per step; and steps differ
+    keys = fit.model_keys(1, [0, 1])
+    chunked = list(fit.minibatches(data, ids, ks, 16, keys, 7, chunk=3))
+    assert len(chunked) == 7
+    for step, (ci, cy) in enumerate(chunked):
+        si, sy = fit.sample_batch(data, ids, ks, 16, keys, step)
+        assert torch.equal(ci, si) and torch.equal(cy, sy)
+    assert not torch.equal(chunked[0][0], chunked[1][0])
 
 
 def test_counter_uniforms_are_uniform_and_a_function_of_key_step_and_column():

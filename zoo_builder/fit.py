@@ -328,7 +328,7 @@ class StackedCNN5k:
         z3 = F.conv2d(a2, k3, w["b3"].reshape(-1), padding=1, groups=G)  # (B, G*c3, H2, W2)
         A3, s3 = ops.pool_relu(z3.permute(0, 2, 3, 1))  # (B, H3, W3, G*c3)
         f = A3.view(B, H3 * W3, G, c3).permute(2, 0, 3, 1).reshape(G, B, -1).float()  # (G, B, D)
-        return f, {"P1": P1, "s1": s1, "a1": a1, "k2": k2, "s2": s2, "a2": a2, "k3": k3, "s3": s3}
+        return f, {"P1": P1, "s1": s1, "a1": a1, "k2": k2, "w2": w["w2"], "s2": s2, "a2": a2, "k3": k3, "w3": w["w3"], "s3": s3}
 
     def _loss_and_grads_grouped(self, p, x, y, kmask):
         """loss_and_grads with conv2/conv3 as grouped convolutions (see conv_impl) and everything else
@@ -340,10 +340,10 @@ class StackedCNN5k:
         f, s = self._grouped_forward(p, x, dt, ops)
         loss, g, df = _head_backward(f, p, y, kmask, dt)
         dA3 = df.view(G, B, c3, H3 * W3).permute(1, 3, 0, 2).reshape(B, H3, W3, G * c3)
-        dz3 = ops.pool_relu_backward(dA3, s["s3"]).permute(0, 3, 1, 2)  # (B, G*c3, H2, W2)
-        da2, dk3, db3 = _grouped_conv_backward(dz3, s["a2"], s["k3"], G)
-        dz2 = ops.pool_relu_backward(da2.permute(0, 2, 3, 1), s["s2"]).permute(0, 3, 1, 2)  # (B, G*c2, H1, W1)
-        da1, dk2, db2 = _grouped_conv_backward(dz2, s["a1"], s["k2"], G)
+        dz3, db3 = ops.pool_relu_backward(dA3, s["s3"])  # (B, H2, W2, G*c3)
+        da2, dk3 = ops.conv_backward(dz3.permute(0, 3, 1, 2), s["a2"], s["k3"], s["w3"], G)
+        dz2, db2 = ops.pool_relu_backward(da2.permute(0, 2, 3, 1), s["s2"])  # (B, H1, W1, G*c2)
+        da1, dk2 = ops.conv_backward(dz2.permute(0, 3, 1, 2), s["a1"], s["k2"], s["w2"], G)
         g["w1"], g["b1"] = ops.conv1_backward(da1.permute(0, 2, 3, 1).reshape(-1, G, c1), s["s1"], s["P1"])
         g["w2"] = dk2.view(G, c2, c1, 3, 3).permute(0, 3, 4, 2, 1).reshape(G, 9 * c1, c2)
         g["w3"] = dk3.view(G, c3, c2, 3, 3).permute(0, 3, 4, 2, 1).reshape(G, 9 * c2, c3)
@@ -355,11 +355,6 @@ def _grouped_kernel(w: torch.Tensor, cin: int) -> torch.Tensor:
     """Stacked (G, 9*cin, cout) kernels in (dy, dx, cin) order -> a grouped conv weight (G*cout, cin, 3, 3), channels-last."""
     G, cout = w.shape[0], w.shape[2]
     return w.view(G, 3, 3, cin, cout).permute(0, 4, 3, 1, 2).reshape(G * cout, cin, 3, 3).contiguous(memory_format=torch.channels_last)
-
-
-def _grouped_conv_backward(dz: torch.Tensor, a: torch.Tensor, k: torch.Tensor, G: int):
-    """A grouped 3x3 conv's (padding 1) input, weight and bias gradients, straight from oneDNN (no autograd graph)."""
-    return aten.convolution_backward(dz, a, k, [k.shape[0]], [1, 1], [1, 1], [1, 1], False, [0, 0], G, [True, True, True])
 
 
 class StackedLinear:
@@ -513,25 +508,37 @@ def model_keys(seed: int, task_numbers) -> torch.Tensor:
     return hash32(n ^ int(hash32(torch.tensor(seed & _MASK32)).item()))
 
 
-def counter_uniform(keys: torch.Tensor, step: int, stream: int, n: int) -> torch.Tensor:
-    """(G, n) uniforms in [0, 1), a pure function of (key, step, stream, column).
+def counter_uniform(keys: torch.Tensor, step: int | torch.Tensor, stream: int, n: int) -> torch.Tensor:
+    """(G, n) uniforms in [0, 1), a pure function of (key, step, stream, column); for a tensor of
+    steps (S,), (S, G, n): the same numbers as S separate calls.
 
     Counter-based rather than a torch.Generator: a model's minibatches depend on its own task and
     seed only, not on which models share its group, how groups are sliced, or the device, so
     group size is a runtime choice (24 on a CPU, thousands on a GPU) that never changes a zoo."""
-    h = hash32(hash32(keys ^ (stream & _MASK32)) ^ (step & _MASK32))  # (G,)
+    step = torch.as_tensor(step, device=keys.device)
+    h = hash32(hash32(keys ^ (stream & _MASK32)) ^ (step[..., None] & _MASK32))  # (G,) or (S, G)
     cols = torch.arange(n, device=keys.device)
-    u = hash32((h[:, None] + cols[None, :]) & _MASK32)  # (G, n)
+    u = hash32((h[..., None] + cols) & _MASK32)  # (G, n) or (S, G, n)
     return (u >> 8).float() * (1.0 / (1 << 24))  # 24 bits: exact in float32, always < 1
 
 
-def sample_batch(data: FitData, ids: torch.Tensor, ks: torch.Tensor, batch: int, keys: torch.Tensor, step: int):
-    """Class-balanced minibatch per model: (G, B) training indices and labels (class positions 0..k-1).
-    Every tensor lives on the data's device; `keys` (G,) from model_keys."""
-    pos = (counter_uniform(keys, step, 0, batch) * ks[:, None]).long()  # (G, B)
-    cls = ids.gather(1, pos)
+def sample_batch(data: FitData, ids: torch.Tensor, ks: torch.Tensor, batch: int, keys: torch.Tensor,
+                 step: int | torch.Tensor):
+    """Class-balanced minibatch per model: (G, B) training indices and labels (class positions 0..k-1),
+    or (S, G, B) for a tensor of steps (S,). Every tensor lives on the data's device; `keys` (G,) from model_keys."""
+    pos = (counter_uniform(keys, step, 0, batch) * ks[:, None]).long()  # (..., G, B)
+    cls = ids[torch.arange(len(ids), device=ids.device)[:, None], pos]
     j = (counter_uniform(keys, step, 1, batch) * data.train_count[cls]).long()
     return data.train_order[data.train_start[cls] + j], pos
+
+
+def minibatches(data: FitData, ids: torch.Tensor, ks: torch.Tensor, batch: int, keys: torch.Tensor, steps: int,
+                chunk: int = 50):
+    """sample_batch for steps 0..steps-1, yielded one step at a time but computed `chunk` steps per
+    call: the ~20 small integer ops of a draw cost as much for 50 steps as for one."""
+    for lo in range(0, steps, chunk):
+        idx, y = sample_batch(data, ids, ks, batch, keys, torch.arange(lo, min(lo + chunk, steps)))
+        yield from zip(idx, y)
 
 
 def evaluate(net, p: dict[str, torch.Tensor], source: torch.Tensor, data: FitData, ids: torch.Tensor, ks: torch.Tensor,
@@ -611,9 +618,8 @@ def fit_group(net, generic: dict[str, torch.Tensor], tasks: list[list[int]], key
     selection = evaluate(head, head_params, data.eval_features, data, ids, ks, cfg.eval_chunk)
     trainer = StackedTrainer(net, params, kmask, cfg.lr, models_per_call, cfg.head_lr_mult)
     loss = torch.zeros(len(tasks))
-    for step in range(cfg.steps):
+    for step, (idx, y) in enumerate(minibatches(data, ids, ks, cfg.batch_size, keys, cfg.steps)):
         trainer.set_lr(lr_at(step, cfg.steps, cfg.lr, cfg.warmup_steps))
-        idx, y = sample_batch(data, ids, ks, cfg.batch_size, keys, step)
         loss = trainer.step(net.train_inputs(data, idx), y)
     eval_per_call = max(1, models_per_call * cfg.batch_size // cfg.eval_chunk) if models_per_call else 0
     oracle = evaluate(net, params, data.eval, data, ids, ks, cfg.eval_chunk, eval_per_call)
@@ -639,6 +645,6 @@ def training_flops(target: str, image_channels: int, size: int, k: int, feature_
 
 __all__ = [
     "StackedCNN5k", "StackedLinear", "StackedTrainer", "FitData", "GroupResult", "class_index",
-    "class_tables", "counter_uniform", "model_keys", "sample_batch", "evaluate", "selection_state_dicts", "fit_group",
+    "class_tables", "counter_uniform", "model_keys", "sample_batch", "minibatches", "evaluate", "selection_state_dicts", "fit_group",
     "tune_malloc", "training_flops",
 ]  # fmt: skip

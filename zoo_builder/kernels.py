@@ -86,11 +86,13 @@ class TorchKernels:
         return a, (zn, i, a)
 
     @staticmethod
-    def pool_relu_backward(da: torch.Tensor, state) -> torch.Tensor:
-        """da (N, H/2, W/2, C) -> dz (N, H, W, C)."""
+    def pool_relu_backward(da: torch.Tensor, state):
+        """da (N, H/2, W/2, C) -> dz (N, H, W, C), and its sum over N, H, W (C,) in float32: the bias
+        gradient of the convolution before the pool."""
         zn, i, a = state
         dm = (da * (a > 0)).permute(0, 3, 1, 2)
-        return _nhwc(aten.max_pool2d_with_indices_backward(dm, zn, [2, 2], [2, 2], [0, 0], [1, 1], False, i))
+        dz = _nhwc(aten.max_pool2d_with_indices_backward(dm, zn, [2, 2], [2, 2], [0, 0], [1, 1], False, i))
+        return dz, dm.sum((0, 2, 3), dtype=torch.float32)
 
     @staticmethod
     def conv1(P: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor):
@@ -118,6 +120,15 @@ class TorchKernels:
         )  # (R*G, c, 4, 1), channels-last
         dz = dz.permute(0, 2, 3, 1).reshape(R, G, 4 * c).transpose(0, 1)  # (G, R, 4c)
         return block_weight_grad(P, dz), dm.sum(0, dtype=torch.float32)
+
+
+    @staticmethod
+    def conv_backward(dz: torch.Tensor, a: torch.Tensor, k: torch.Tensor, w: torch.Tensor, G: int):
+        """A grouped 3x3 conv's (padding 1) input and weight gradients (the bias's comes with
+        pool_relu_backward), from oneDNN without an autograd graph: dz (B, G*Co, H, W) and a
+        (B, G*Ci, H, W) channels-last, k (G*Co, Ci, 3, 3) its weight, w the same as stacked (G, 9*Ci, Co)."""
+        da, dk, _ = aten.convolution_backward(dz, a, k, None, [1, 1], [1, 1], [1, 1], False, [0, 0], G, [True, True, False])
+        return da, dk
 
 
 # conv1 + 2x2 pool as one matmul per pooled pixel: its 4x4 input window times a block weight whose
@@ -187,8 +198,9 @@ class CKernels:
         da = da.contiguous()
         N, C = da.shape[0], da.shape[3]
         dz = da.new_empty(N, H, W, C)
-        self._fn("pool_relu_bwd", da.dtype)(*self._args(da, idx, dz, N, H, W, C))
-        return dz
+        db = torch.zeros(C)
+        self._fn("pool_relu_bwd", da.dtype)(*self._args(da, idx, dz, db, N, H, W, C))
+        return dz, db
 
     def conv1(self, P: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor):
         G, R, c = P.shape[0], P.shape[1], w1.shape[-1]
@@ -200,6 +212,17 @@ class CKernels:
         idx = torch.empty(R, G, c, dtype=torch.uint8)
         self._fn("conv1_fwd", P.dtype)(*self._args(P, w1, b1, a, idx, G, R, P.shape[2] // 16))
         return a, (idx,)
+
+    def conv_backward(self, dz, a, k, w, G):
+        Ci = k.shape[1]
+        if dz.dtype != torch.float32 or Ci != _C1:
+            return TorchKernels.conv_backward(dz, a, k, w, G)
+        _, dk, _ = aten.convolution_backward(dz, a, k, None, [1, 1], [1, 1], [1, 1], False, [0, 0], G, [False, True, False])
+        B, GCo, H, W = dz.shape
+        dzc, w = _nhwc(dz), w.float().contiguous()
+        da = torch.empty(B, H, W, G * Ci).permute(0, 3, 1, 2)  # channels-last, like oneDNN's
+        self.lib.conv_dgrad_f32(*self._args(dzc, w, da, B, H, W, G, GCo // G))
+        return da, dk
 
     def conv1_backward(self, da: torch.Tensor, state, P: torch.Tensor):
         if len(state) != 1:

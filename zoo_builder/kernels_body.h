@@ -28,9 +28,11 @@ void CAT(pool_relu_fwd, SFX)(const T *restrict z, T *restrict a, uint8_t *restri
             }
 }
 
-/* Its backward: da (N, H/2, W/2, C) -> dz (N, H, W, C), every element written (no zero fill first). */
+/* Its backward: da (N, H/2, W/2, C) -> dz (N, H, W, C), every element written (no zero fill first);
+   db (C,) float32 += the sum of dz over N, H, W: the bias gradient of the convolution before the pool
+   (a separate pass in oneDNN's backward). */
 void CAT(pool_relu_bwd, SFX)(const T *restrict da, const uint8_t *restrict idx, T *restrict dz,
-                             int64_t N, int64_t H, int64_t W, int64_t C) {
+                             float *restrict db, int64_t N, int64_t H, int64_t W, int64_t C) {
     const int64_t Ho = H / 2, Wo = W / 2;
     for (int64_t n = 0; n < N; n++) {
         for (int64_t y = 0; y < Ho; y++)
@@ -45,6 +47,7 @@ void CAT(pool_relu_bwd, SFX)(const T *restrict da, const uint8_t *restrict idx, 
                     d1[c] = v & -(T)(j == 1);
                     d2[c] = v & -(T)(j == 2);
                     d3[c] = v & -(T)(j == 3);
+                    db[c] += VAL(v & -(T)(j < 4));
                 }
             }
         /* odd sizes: the last row / column lies in no window (floor pooling) */
