@@ -40,7 +40,7 @@ from tina.errors import TinaError
 from tina.schedule import warmup_cosine
 from tina.targets import CNN5kBody
 from zoo_builder import kernels
-from zoo_builder.kernels import TorchKernels
+from zoo_builder.kernels import ImageBatch, TorchKernels
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -119,22 +119,12 @@ def _head_backward(f: torch.Tensor, p: dict, y: torch.Tensor, kmask: torch.Tenso
     return loss, g, torch.bmm(dl, p["wh"].transpose(1, 2)).to(dtype)
 
 
-@dataclass
-class Windows:
-    """conv1's input windows of a training batch, (G, B, H/2, W/2, 16C) (see StackedCNN5k.train_inputs)."""
-
-    t: torch.Tensor
-
-    def __getitem__(self, models: slice) -> "Windows":
-        return Windows(self.t[models])
-
-
 class StackedCNN5k:
     """G cnn-5k models as stacked tensors (channels-last kernel layout) with forward and backward.
 
     Parameters (a dict): w1 (G, 3, 3, C, c1), b1 (G, c1), w2 (G, 9*c1, c2), b2, w3 (G, 9*c2, c3), b3,
     wh (G, D, K) = head.weight transposed, bh (G, K). Inputs are normalised images (G, B, H, W, C),
-    or for training on the grouped path, Windows (train_inputs).
+    or on the grouped path an ImageBatch (inputs, train_inputs).
     """
 
     kind = "images"
@@ -253,10 +243,10 @@ class StackedCNN5k:
         return f, s
 
     def logits(self, p: dict[str, torch.Tensor], x) -> torch.Tensor:
-        """x: normalised images (G, B, H, W, C) or Windows (inputs) -> logits (G, B, K) (padded classes
+        """x: normalised images (G, B, H, W, C) or ImageBatch (inputs) -> logits (G, B, K) (padded classes
         not masked). Always float32: the oracle accuracies a zoo records do not depend on precision."""
-        if isinstance(x, Windows):
-            f, _ = self._grouped_forward(p, x, torch.float32, kernels.backend(x.t.device, self.kernels))
+        if isinstance(x, ImageBatch):
+            f, _ = self._grouped_forward(p, x, torch.float32, kernels.backend(x.images.device, self.kernels))
         else:
             f, _ = self._forward(p, x, keep=False)
         return torch.baddbmm(p["bh"][:, None, :], f, p["wh"])
@@ -266,13 +256,12 @@ class StackedCNN5k:
 
     def inputs(self, data: "FitData", source: torch.Tensor, idx: torch.Tensor, dtype: torch.dtype = torch.float32):
         """Network inputs for rows idx (G, B) of `source` (data.train or data.eval): normalised images
-        (G, B, H, W, C), or on the grouped path conv1's input windows in dtype (Windows), which the
-        kernels build in one pass from the uint8 images (no normalised copy in between)."""
+        (G, B, H, W, C), or on the grouped path an ImageBatch, which the kernels read straight from the
+        uint8 pool, normalising as they go (no normalised copy of the batch).
+        """
         if self._impl(source.device) != "grouped" or source.dtype != torch.uint8:
             return data.inputs(source, idx)
-        ops = kernels.backend(source.device, self.kernels)
-        w = ops.windows(source, idx.reshape(-1), data.mean, data.std, dtype)  # (G*B, H/2, W/2, 16C)
-        return Windows(w.view(*idx.shape, *w.shape[1:]))
+        return ImageBatch.from_pool(source, idx, data.mean, data.std, dtype)
 
     def train_inputs(self, data: "FitData", idx: torch.Tensor):
         """A training batch for loss_and_grads: inputs() of data.train in the training dtype."""
@@ -280,8 +269,8 @@ class StackedCNN5k:
 
     def loss_and_grads(self, p, x, y, kmask):
         """Mean cross-entropy per model (G,) and the gradient of its sum w.r.t. every stacked tensor.
-        x: normalised images (G, B, H, W, C), or Windows from train_inputs."""
-        if isinstance(x, Windows) or self._impl(x.device) == "grouped":
+        x: normalised images (G, B, H, W, C), or ImageBatch from train_inputs."""
+        if isinstance(x, ImageBatch) or self._impl(x.device) == "grouped":
             return self._loss_and_grads_grouped(p, x, y, kmask)
         G, B, H, W, C = x.shape
         c1, c2, c3 = self.c1, self.c2, self.c3
@@ -304,22 +293,18 @@ class StackedCNN5k:
         return loss, {n: t.float() for n, t in g.items()}
 
     def _grouped_forward(self, p, x, dt: torch.dtype, ops):
-        """The grouped path's conv stack in dtype dt: x (Windows or normalised images) -> features
+        """The grouped path's conv stack in dtype dt: x (ImageBatch or normalised images) -> features
         f (G, B, D) float32 in TargetNet's (c3, H3, W3) order, and what the backward needs.
 
         Layout: model g's channels are channel group g of one (B, H, W, G*c) channels-last batch."""
-        H = W = self.size
-        C, c1, c2, c3 = self.C, self.c1, self.c2, self.c3
-        G, B = (x.t if isinstance(x, Windows) else x).shape[:2]
+        if not isinstance(x, ImageBatch):
+            x = ImageBatch.from_normalised(x, dt)
+        G, B, H, W, C = x.shape
+        c1, c2, c3 = self.c1, self.c2, self.c3
         H1, W1, H3, W3 = H // 2, W // 2, H // 8, W // 8
-        R1 = B * H1 * W1
         w = {n: t.to(dt) for n, t in p.items() if n not in ("wh", "bh")}
-        # conv1 + pool: one (16C -> 4 positions x c1) product per pooled pixel (see the module docstring)
-        if isinstance(x, Windows):
-            P1 = x.t.to(dt).view(G, R1, 16 * C)
-        else:
-            P1 = ops.patches4(x.reshape(G * B, H, W, C), dt).view(G, R1, 16 * C)
-        A1, s1 = ops.conv1(P1, w["w1"], w["b1"])  # (R1, G, c1) = (B, H1, W1, G*c1)
+        # conv1 + pool: the 4 conv outputs of each pooled pixel's 4x4 window (see the module docstring)
+        A1, s1 = ops.conv1(x, w["w1"], w["b1"], dt)  # (R1, G, c1) = (B, H1, W1, G*c1)
         a1 = A1.view(B, H1, W1, G * c1).permute(0, 3, 1, 2)  # NCHW view of channels-last memory
         k2, k3 = _grouped_kernel(w["w2"], c1), _grouped_kernel(w["w3"], c2)  # (G*cout, cin, 3, 3)
         z2 = F.conv2d(a1, k2, w["b2"].reshape(-1), padding=1, groups=G)  # (B, G*c2, H1, W1)
@@ -328,7 +313,7 @@ class StackedCNN5k:
         z3 = F.conv2d(a2, k3, w["b3"].reshape(-1), padding=1, groups=G)  # (B, G*c3, H2, W2)
         A3, s3 = ops.pool_relu(z3.permute(0, 2, 3, 1))  # (B, H3, W3, G*c3)
         f = A3.view(B, H3 * W3, G, c3).permute(2, 0, 3, 1).reshape(G, B, -1).float()  # (G, B, D)
-        return f, {"P1": P1, "s1": s1, "a1": a1, "k2": k2, "w2": w["w2"], "s2": s2, "a2": a2, "k3": k3, "w3": w["w3"], "s3": s3}
+        return f, {"s1": s1, "a1": a1, "k2": k2, "w2": w["w2"], "s2": s2, "a2": a2, "k3": k3, "w3": w["w3"], "s3": s3}
 
     def _loss_and_grads_grouped(self, p, x, y, kmask):
         """loss_and_grads with conv2/conv3 as grouped convolutions (see conv_impl) and everything else
@@ -344,7 +329,7 @@ class StackedCNN5k:
         da2, dk3 = ops.conv_backward(dz3.permute(0, 3, 1, 2), s["a2"], s["k3"], s["w3"], G)
         dz2, db2 = ops.pool_relu_backward(da2.permute(0, 2, 3, 1), s["s2"])  # (B, H1, W1, G*c2)
         da1, dk2 = ops.conv_backward(dz2.permute(0, 3, 1, 2), s["a1"], s["k2"], s["w2"], G)
-        g["w1"], g["b1"] = ops.conv1_backward(da1.permute(0, 2, 3, 1).reshape(-1, G, c1), s["s1"], s["P1"])
+        g["w1"], g["b1"] = ops.conv1_backward(da1.permute(0, 2, 3, 1).reshape(-1, G, c1), s["s1"])
         g["w2"] = dk2.view(G, c2, c1, 3, 3).permute(0, 3, 4, 2, 1).reshape(G, 9 * c1, c2)
         g["w3"] = dk3.view(G, c3, c2, 3, 3).permute(0, 3, 4, 2, 1).reshape(G, 9 * c2, c3)
         g["b2"], g["b3"] = db2.view(G, c2), db3.view(G, c3)

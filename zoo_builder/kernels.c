@@ -47,6 +47,28 @@ static inline void store8_bf16(uint16_t *p, vf8 v) {  /* v already rounded */
 }
 static inline vi8 select8(vi8 mask, vi8 a, vi8 b) { return (a & mask) | (b & ~mask); }
 
+/* conv1's input: image m as a zero-padded float32 buffer (H+2, W+2, C), read from the uint8 pool u8
+   through lut (256, C), each byte's normalised value per channel (as the compute dtype holds it), or
+   copied from normalised float32 images f32 (already rounded to the compute dtype). A window of a
+   pooled pixel is then 4 rows of 4C consecutive numbers, with no bounds checks. */
+static void load_image(const uint8_t *u8, const float *f32, int64_t m, const float *lut, float *restrict buf,
+                       int64_t H, int64_t W, int64_t C) {
+    const int64_t Wp = W + 2;
+    memset(buf, 0, (H + 2) * Wp * C * sizeof(float));
+    for (int64_t y = 0; y < H; y++) {
+        float *row = buf + ((y + 1) * Wp + 1) * C;
+        if (u8) {
+            const uint8_t *src = u8 + (m * H + y) * W * C;
+            if (C == 1)
+                for (int64_t x = 0; x < W; x++) row[x] = lut[src[x]];
+            else
+                for (int64_t i = 0; i < W * C; i++) row[i] = lut[src[i] * C + i % C];
+        } else {
+            memcpy(row, f32 + (m * H + y) * W * C, W * C * sizeof(float));
+        }
+    }
+}
+
 #define T uint32_t
 #define SFX f32
 #include "kernels_body.h"

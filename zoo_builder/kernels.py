@@ -15,9 +15,8 @@ $TINA_KERNEL_CACHE (default ~/.cache/tina/kernels), written under a temporary na
 TINA_KERNELS=0 turns the C kernels off. If compiling fails, training logs one warning and runs the
 torch twins: the same results to float32 rounding, 1.6-1.8x slower per training step.
 
-Both backends expose the same operations (windows, conv1, conv1_backward, pool_relu,
-pool_relu_backward; patches4 from normalised images); `state` is whatever a backward needs, opaque
-to callers. Pooled positions follow max_pool2d's tie rule (first maximum in scan order); outputs
+Both backends expose the same operations (conv1 and conv1_backward from an ImageBatch, pool_relu,
+pool_relu_backward, conv_backward); `state` is whatever a backward needs, opaque to callers. Pooled positions follow max_pool2d's tie rule (first maximum in scan order); outputs
 where relu(max) == 0 pass no gradient, like ReLU's backward.
 """
 
@@ -32,6 +31,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -55,6 +55,43 @@ def _nhwc(t: torch.Tensor) -> torch.Tensor:
     return t.permute(0, 2, 3, 1).contiguous()
 
 
+@dataclass
+class ImageBatch:
+    """conv1's input for G models x B images, left where it lives: rows (G, B) of `images`, either the
+    uint8 training/evaluation pool (N, H, W, C), normalised on the fly through `lut` (256, C), each
+    byte's value per channel as the compute dtype holds it (in float32), or normalised float32 images
+    already rounded to the compute dtype (lut None). No normalised copy of the batch is made."""
+
+    images: torch.Tensor
+    rows: torch.Tensor  # (G, B) int64
+    lut: torch.Tensor | None
+
+    @staticmethod
+    def from_pool(images: torch.Tensor, rows: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, dtype: torch.dtype):
+        # the same float32 ops as FitData.inputs, then rounded to the compute dtype
+        lut = torch.arange(256, dtype=torch.float32, device=images.device)[:, None].div(255.0).sub(mean).div(std)
+        return ImageBatch(images, rows, lut.to(dtype).float())
+
+    @staticmethod
+    def from_normalised(x: torch.Tensor, dtype: torch.dtype) -> "ImageBatch":
+        """x (G, B, H, W, C) normalised images."""
+        G, B = x.shape[:2]
+        rows = torch.arange(G * B, device=x.device).view(G, B)
+        return ImageBatch(x.reshape(G * B, *x.shape[2:]).to(dtype).float(), rows, None)
+
+    def __getitem__(self, models: slice) -> "ImageBatch":
+        return ImageBatch(self.images, self.rows[models], self.lut)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (*self.rows.shape, *self.images.shape[1:])  # (G, B, H, W, C)
+
+    def normalised(self) -> torch.Tensor:
+        """The batch as normalised float32 images (G, B, H, W, C) (what the torch twins read)."""
+        x = self.images[self.rows]
+        return x if self.lut is None else self.lut[x.long(), torch.arange(x.shape[-1], device=x.device)]
+
+
 class TorchKernels:
     """The kernels as torch ops: any device, any dtype."""
 
@@ -69,13 +106,6 @@ class TorchKernels:
         s = xp.stride()
         win = xp.as_strided((N, H // 2, W // 2, 4, 4 * C), (s[0], 2 * s[1], 2 * s[2], s[1], 1))
         return win.reshape(N, H // 2, W // 2, 16 * C)
-
-    @staticmethod
-    def windows(images: torch.Tensor, rows: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, dtype: torch.dtype):
-        """conv1's input windows from uint8 images (N, H, W, C): rows (M,), normalised by mean/std (C,)
-        -> (M, H/2, W/2, 16C) in dtype (patches4 of the normalised images)."""
-        x = images[rows].float().div_(255.0).sub_(mean).div_(std)  # as FitData.inputs
-        return TorchKernels.patches4(x, dtype)
 
     @staticmethod
     def pool_relu(z: torch.Tensor):
@@ -95,24 +125,27 @@ class TorchKernels:
         return dz, dm.sum((0, 2, 3), dtype=torch.float32)
 
     @staticmethod
-    def conv1(P: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor):
-        """conv1 + 2x2 max-pool + bias + ReLU: P (G, R, 16C) each pooled pixel's 4x4 input window,
-        w1 (G, 3, 3, C, c), b1 (G, c) -> a (R, G, c), the grouped layout (model g = channels g*c..), state."""
-        G, R, c = P.shape[0], P.shape[1], w1.shape[-1]
+    def conv1(x: ImageBatch, w1: torch.Tensor, b1: torch.Tensor, dtype: torch.dtype):
+        """conv1 + 2x2 max-pool + bias + ReLU in dtype: x (G, B images), w1 (G, 3, 3, C, c), b1 (G, c)
+        -> a (R, G, c) with R = (B, H/2, W/2): the grouped layout (model g = channels g*c..), state."""
+        G, B, H, W, C = x.shape
+        c = w1.shape[-1]
+        R = B * (H // 2) * (W // 2)
+        P = TorchKernels.patches4(x.normalised().reshape(G * B, H, W, C), dtype).view(G, R, 16 * C)
         # One matmul per model gives a window's 4 conv outputs; each model writes its rows of one
         # (R, G, 4c) array, so the pool reads and writes the grouped layout (MKL takes the strided output).
         z = P.new_empty(R, G, 4 * c)
-        torch.bmm(P, block_weight(w1.to(P.dtype)), out=z.transpose(0, 1))
+        torch.bmm(P, block_weight(w1.to(dtype)), out=z.transpose(0, 1))
         zv = z.view(R * G, 4, 1, c).permute(0, 3, 1, 2)  # (R*G, c, 4, 1), channels-last
         m, i = aten.max_pool2d_with_indices(zv, [4, 1], [4, 1])
-        m = m.view(R, G, c) + b1.to(P.dtype)
-        return torch.relu(m), (zv, i, m > 0)
+        m = m.view(R, G, c) + b1.to(dtype)
+        return torch.relu(m), (zv, i, m > 0, P)
 
     @staticmethod
-    def conv1_backward(da: torch.Tensor, state, P: torch.Tensor):
-        """conv1's backward from its pooled output: da (R, G, c), P (G, R, 16C) its input windows
-        -> w1's gradient (G, 3, 3, C, c) and b1's (G, c), float32."""
-        zv, i, pos = state
+    def conv1_backward(da: torch.Tensor, state):
+        """conv1's backward from its pooled output: da (R, G, c) -> w1's gradient (G, 3, 3, C, c) and
+        b1's (G, c), float32."""
+        zv, i, pos, P = state
         R, G, c = pos.shape
         dm = (da * pos).contiguous()  # (R, G, c)
         dz = aten.max_pool2d_with_indices_backward(
@@ -120,7 +153,6 @@ class TorchKernels:
         )  # (R*G, c, 4, 1), channels-last
         dz = dz.permute(0, 2, 3, 1).reshape(R, G, 4 * c).transpose(0, 1)  # (G, R, 4c)
         return block_weight_grad(P, dz), dm.sum(0, dtype=torch.float32)
-
 
     @staticmethod
     def conv_backward(dz: torch.Tensor, a: torch.Tensor, k: torch.Tensor, w: torch.Tensor, G: int):
@@ -165,21 +197,12 @@ class CKernels:
         return getattr(self.lib, f"{name}_{_SUFFIX[dtype]}")
 
     @staticmethod
-    def _args(*tensors_and_ints):
-        return [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int64(a) for a in tensors_and_ints]
+    def _args(*args):
+        """Tensors as data pointers (None as NULL), ints as int64."""
+        return [ctypes.c_void_p(None if a is None else a.data_ptr()) if a is None or isinstance(a, torch.Tensor)
+                else ctypes.c_int64(a) for a in args]  # fmt: skip
 
     patches4 = staticmethod(TorchKernels.patches4)
-
-    def windows(self, images, rows, mean, std, dtype):
-        if dtype not in _SUFFIX or images.dtype != torch.uint8:
-            return TorchKernels.windows(images, rows, mean, std, dtype)
-        images, rows = images.contiguous(), rows.reshape(-1).contiguous()
-        N, H, W, C = images.shape
-        # each byte's normalised value per channel, by the same float32 ops as FitData.inputs
-        lut = torch.arange(256, dtype=torch.float32)[:, None].div(255.0).sub(mean).div(std).to(dtype).contiguous()
-        p = torch.empty(len(rows), H // 2, W // 2, 16 * C, dtype=dtype)
-        self._fn("patches4_u8", dtype)(*self._args(images, rows, lut, p, len(rows), H, W, C))
-        return p
 
     def pool_relu(self, z: torch.Tensor):
         if z.dtype not in _SUFFIX:
@@ -202,16 +225,24 @@ class CKernels:
         self._fn("pool_relu_bwd", da.dtype)(*self._args(da, idx, dz, db, N, H, W, C))
         return dz, db
 
-    def conv1(self, P: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor):
-        G, R, c = P.shape[0], P.shape[1], w1.shape[-1]
-        if P.dtype not in _SUFFIX or c != _C1:
-            return TorchKernels.conv1(P, w1, b1)
-        P = P.contiguous()
-        w1, b1 = (t.to(P.dtype).float().contiguous() for t in (w1, b1))  # as the compute dtype holds them
-        a = P.new_empty(R, G, c)
+    def _images(self, x: ImageBatch):
+        """The (u8, f32, rows, lut) arguments of kernels.c's image reader."""
+        pool = x.lut is not None
+        images = x.images.contiguous() if pool else x.images.float().contiguous()
+        return (images if pool else None, None if pool else images, x.rows.reshape(-1).contiguous(),
+                x.lut.contiguous() if pool else None)  # fmt: skip
+
+    def conv1(self, x: ImageBatch, w1: torch.Tensor, b1: torch.Tensor, dtype: torch.dtype):
+        G, B, H, W, C = x.shape
+        c = w1.shape[-1]
+        if dtype not in _SUFFIX or c != _C1:
+            return TorchKernels.conv1(x, w1, b1, dtype)
+        w1, b1 = (t.to(dtype).float().contiguous() for t in (w1, b1))  # as the compute dtype holds them
+        R = B * (H // 2) * (W // 2)
+        a = torch.empty(R, G, c, dtype=dtype)
         idx = torch.empty(R, G, c, dtype=torch.uint8)
-        self._fn("conv1_fwd", P.dtype)(*self._args(P, w1, b1, a, idx, G, R, P.shape[2] // 16))
-        return a, (idx,)
+        self._fn("conv1_fwd", dtype)(*self._args(*self._images(x), w1, b1, a, idx, G, B, H, W, C))
+        return a, (idx, x)
 
     def conv_backward(self, dz, a, k, w, G):
         Ci = k.shape[1]
@@ -224,16 +255,14 @@ class CKernels:
         self.lib.conv_dgrad_f32(*self._args(dzc, w, da, B, H, W, G, GCo // G))
         return da, dk
 
-    def conv1_backward(self, da: torch.Tensor, state, P: torch.Tensor):
-        if len(state) != 1:
-            return TorchKernels.conv1_backward(da, state, P)
-        (idx,) = state
-        da, P = da.contiguous(), P.contiguous()
-        R, G, c = da.shape
-        C = P.shape[2] // 16
-        dw = torch.empty(G, 3, 3, C, c)
-        db = torch.empty(G, c)
-        self._fn("conv1_bwd", da.dtype)(*self._args(da, idx, P, dw, db, G, R, C))
+    def conv1_backward(self, da: torch.Tensor, state):
+        if len(state) != 2:
+            return TorchKernels.conv1_backward(da, state)
+        idx, x = state
+        G, B, H, W, C = x.shape
+        c = da.shape[2]
+        dw, db = torch.empty(G, 3, 3, C, c), torch.empty(G, c)
+        self._fn("conv1_bwd", da.dtype)(*self._args(*self._images(x), da.contiguous(), idx, dw, db, G, B, H, W, C))
         return dw, db
 
 
