@@ -40,7 +40,7 @@ from tina.errors import TinaError
 from tina.schedule import warmup_cosine
 from tina.targets import CNN5kBody
 from zoo_builder import kernels
-from zoo_builder.kernels import ImageBatch, TorchKernels
+from zoo_builder.kernels import ImageBatch, TorchKernels, head_backward, head_loss
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -98,25 +98,6 @@ def _conv3_input_grad(dZ: torch.Tensor, w: torch.Tensor, B: int, H: int, W: int)
     for dy in range(3):
         out[:, dy : dy + H] += t[:, :, :, dy]  # dZ row y' feeds input row y' + dy - 1
     return out[:, 1 : H + 1]
-
-
-def _head_loss(f: torch.Tensor, wh: torch.Tensor, bh: torch.Tensor, y: torch.Tensor, kmask: torch.Tensor):
-    """Masked linear head + mean cross-entropy per model. f (G, B, D) -> loss (G,), dlogits (G, B, K)."""
-    B = f.shape[1]
-    logits = torch.baddbmm(bh[:, None, :], f, wh).masked_fill_(~kmask[:, None, :], float("-inf"))  # (G, B, K)
-    logp = torch.log_softmax(logits, -1)
-    loss = -logp.gather(2, y[..., None]).squeeze(2).mean(1)  # (G,)
-    dl = logp.exp_()  # softmax; exactly 0 on padded classes
-    dl.scatter_add_(2, y[..., None], torch.full_like(dl[..., :1], -1.0))
-    return loss, dl.div_(B)
-
-
-def _head_backward(f: torch.Tensor, p: dict, y: torch.Tensor, kmask: torch.Tensor, dtype: torch.dtype):
-    """The head and its loss in float32 over features f (G, B, D): loss (G,), the head's gradients
-    {"wh", "bh"}, and the loss's gradient w.r.t. f in the convolutions' dtype."""
-    loss, dl = _head_loss(f, p["wh"], p["bh"], y, kmask)
-    g = {"wh": torch.bmm(f.transpose(1, 2), dl), "bh": dl.sum(1)}
-    return loss, g, torch.bmm(dl, p["wh"].transpose(1, 2)).to(dtype)
 
 
 class StackedCNN5k:
@@ -246,7 +227,10 @@ class StackedCNN5k:
         """x: normalised images (G, B, H, W, C) or ImageBatch (inputs) -> logits (G, B, K) (padded classes
         not masked). Always float32: the oracle accuracies a zoo records do not depend on precision."""
         if isinstance(x, ImageBatch):
-            f, _ = self._grouped_forward(p, x, torch.float32, kernels.backend(x.images.device, self.kernels))
+            A3, _ = self._grouped_forward(p, x, torch.float32, kernels.backend(x.images.device, self.kernels))
+            B, H3, W3, GC = A3.shape
+            G = GC // self.c3
+            f = A3.view(B, H3 * W3, G, self.c3).permute(2, 0, 3, 1).reshape(G, B, -1)  # (G, B, D), (c3, H3, W3) order
         else:
             f, _ = self._forward(p, x, keep=False)
         return torch.baddbmm(p["bh"][:, None, :], f, p["wh"])
@@ -277,7 +261,7 @@ class StackedCNN5k:
         H1, W1, H2, W2 = H // 2, W // 2, H // 4, W // 4
         dt = self.dtype
         f, s = self._forward(p, x.to(dt), keep=True)
-        loss, g, df = _head_backward(f, p, y, kmask, dt)
+        loss, g, df = head_backward(f, p["wh"], p["bh"], y, kmask, dt)
         w2, w3 = s["w2"], s["w3"]  # in the compute dtype, as the forward used them
         dM3 = df.reshape(s["M3shape"])  # (GB, c3, H3, W3)
         dA3 = aten.max_pool2d_with_indices_backward(dM3, s["A3n"], [2, 2], [2, 2], [0, 0], [1, 1], False, s["I3"])
@@ -293,15 +277,15 @@ class StackedCNN5k:
         return loss, {n: t.float() for n, t in g.items()}
 
     def _grouped_forward(self, p, x, dt: torch.dtype, ops):
-        """The grouped path's conv stack in dtype dt: x (ImageBatch or normalised images) -> features
-        f (G, B, D) float32 in TargetNet's (c3, H3, W3) order, and what the backward needs.
+        """The grouped path's conv stack in dtype dt: x (ImageBatch or normalised images) -> the pooled
+        conv3 output A3 (B, H3, W3, G*c3), and what the backward needs.
 
         Layout: model g's channels are channel group g of one (B, H, W, G*c) channels-last batch."""
         if not isinstance(x, ImageBatch):
             x = ImageBatch.from_normalised(x, dt)
         G, B, H, W, C = x.shape
-        c1, c2, c3 = self.c1, self.c2, self.c3
-        H1, W1, H3, W3 = H // 2, W // 2, H // 8, W // 8
+        c1, c2 = self.c1, self.c2
+        H1, W1 = H // 2, W // 2
         w = {n: t.to(dt) for n, t in p.items() if n not in ("wh", "bh")}
         # conv1 + pool: the 4 conv outputs of each pooled pixel's 4x4 window (see the module docstring)
         A1, s1 = ops.conv1(x, w["w1"], w["b1"], dt)  # (R1, G, c1) = (B, H1, W1, G*c1)
@@ -312,19 +296,16 @@ class StackedCNN5k:
         a2 = A2.permute(0, 3, 1, 2)
         z3 = F.conv2d(a2, k3, w["b3"].reshape(-1), padding=1, groups=G)  # (B, G*c3, H2, W2)
         A3, s3 = ops.pool_relu(z3.permute(0, 2, 3, 1))  # (B, H3, W3, G*c3)
-        f = A3.view(B, H3 * W3, G, c3).permute(2, 0, 3, 1).reshape(G, B, -1).float()  # (G, B, D)
-        return f, {"s1": s1, "a1": a1, "k2": k2, "w2": w["w2"], "s2": s2, "a2": a2, "k3": k3, "w3": w["w3"], "s3": s3}
+        return A3, {"s1": s1, "a1": a1, "k2": k2, "w2": w["w2"], "s2": s2, "a2": a2, "k3": k3, "w3": w["w3"], "s3": s3}
 
     def _loss_and_grads_grouped(self, p, x, y, kmask):
         """loss_and_grads with conv2/conv3 as grouped convolutions (see conv_impl) and everything else
         from `kernels` (fused C on a CPU): the same results as bmm up to rounding."""
-        G, B = y.shape
+        G = y.shape[0]
         c1, c2, c3 = self.c1, self.c2, self.c3
-        H3 = W3 = self.size // 8
         dt, ops = self.dtype, kernels.backend(y.device, self.kernels)
-        f, s = self._grouped_forward(p, x, dt, ops)
-        loss, g, df = _head_backward(f, p, y, kmask, dt)
-        dA3 = df.view(G, B, c3, H3 * W3).permute(1, 3, 0, 2).reshape(B, H3, W3, G * c3)
+        A3, s = self._grouped_forward(p, x, dt, ops)
+        loss, g, dA3 = ops.head(A3, p["wh"], p["bh"], y, kmask)  # dA3 (B, H3, W3, G*c3)
         dz3, db3 = ops.pool_relu_backward(dA3, s["s3"])  # (B, H2, W2, G*c3)
         da2, dk3 = ops.conv_backward(dz3.permute(0, 3, 1, 2), s["a2"], s["k3"], s["w3"], G)
         dz2, db2 = ops.pool_relu_backward(da2.permute(0, 2, 3, 1), s["s2"])  # (B, H1, W1, G*c2)
@@ -372,7 +353,7 @@ class StackedLinear:
         return data.inputs(data.train, idx)
 
     def loss_and_grads(self, p, x, y, kmask):
-        loss, dl = _head_loss(x, p["wh"], p["bh"], y, kmask)
+        loss, dl = head_loss(x, p["wh"], p["bh"], y, kmask)
         return loss, {"wh": torch.bmm(x.transpose(1, 2), dl), "bh": dl.sum(1)}
 
 

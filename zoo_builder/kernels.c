@@ -13,6 +13,7 @@
    idx holds, per pooled output, the window position 0..3 of the first maximum (max_pool2d's tie
    rule: scan order (0,0) (0,1) (1,0) (1,1)), or 4 where relu(max) == 0, which gets no gradient. */
 
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -22,6 +23,11 @@
 
 static inline float val_f32(uint32_t b) { union { uint32_t u; float f; } x; x.u = b; return x.f; }
 static inline float val_bf16(uint16_t b) { union { uint32_t u; float f; } x; x.u = (uint32_t)b << 16; return x.f; }
+static inline uint32_t from_f32_f32(float f) { union { uint32_t u; float f; } x; x.f = f; return x.u; }
+static inline uint16_t from_f32_bf16(float f) { /* round to nearest even, as torch does */
+    union { uint32_t u; float f; } x; x.f = f;
+    return (uint16_t)((x.u + 0x7fffu + ((x.u >> 16) & 1u)) >> 16);
+}
 /* conv1's pool kernels work on its C1 = 8 channels as one vector (GCC/clang vector extensions:
    portable C that compiles to AVX2/AVX-512 or NEON; plain loops over 8 did not vectorise). */
 typedef float vf8 __attribute__((vector_size(32)));

@@ -55,6 +55,26 @@ def _nhwc(t: torch.Tensor) -> torch.Tensor:
     return t.permute(0, 2, 3, 1).contiguous()
 
 
+def head_loss(f: torch.Tensor, wh: torch.Tensor, bh: torch.Tensor, y: torch.Tensor, kmask: torch.Tensor):
+    """Masked linear head + mean cross-entropy per model. f (G, B, D) -> loss (G,), dlogits (G, B, K)."""
+    B = f.shape[1]
+    logits = torch.baddbmm(bh[:, None, :], f, wh).masked_fill_(~kmask[:, None, :], float("-inf"))  # (G, B, K)
+    logp = torch.log_softmax(logits, -1)
+    loss = -logp.gather(2, y[..., None]).squeeze(2).mean(1)  # (G,)
+    dl = logp.exp_()  # softmax; exactly 0 on padded classes
+    dl.scatter_add_(2, y[..., None], torch.full_like(dl[..., :1], -1.0))
+    return loss, dl.div_(B)
+
+
+def head_backward(f: torch.Tensor, wh: torch.Tensor, bh: torch.Tensor, y: torch.Tensor, kmask: torch.Tensor,
+                  dtype: torch.dtype):
+    """The head and its loss in float32 over features f (G, B, D): loss (G,), the head's gradients
+    {"wh", "bh"}, and the loss's gradient w.r.t. f in the convolutions' dtype."""
+    loss, dl = head_loss(f, wh, bh, y, kmask)
+    g = {"wh": torch.bmm(f.transpose(1, 2), dl), "bh": dl.sum(1)}
+    return loss, g, torch.bmm(dl, wh.transpose(1, 2)).to(dtype)
+
+
 @dataclass
 class ImageBatch:
     """conv1's input for G models x B images, left where it lives: rows (G, B) of `images`, either the
@@ -106,6 +126,17 @@ class TorchKernels:
         s = xp.stride()
         win = xp.as_strided((N, H // 2, W // 2, 4, 4 * C), (s[0], 2 * s[1], 2 * s[2], s[1], 1))
         return win.reshape(N, H // 2, W // 2, 16 * C)
+
+    @staticmethod
+    def head(a3: torch.Tensor, wh: torch.Tensor, bh: torch.Tensor, y: torch.Tensor, kmask: torch.Tensor):
+        """The head and its loss from the pooled conv3 output a3 (B, H3, W3, G*c3) (grouped layout):
+        loss (G,), {"wh", "bh"} gradients (float32), and the gradient w.r.t. a3 in its layout and dtype."""
+        B, H3, W3, GC = a3.shape
+        G = wh.shape[0]
+        c3 = GC // G
+        f = a3.view(B, H3 * W3, G, c3).permute(2, 0, 3, 1).reshape(G, B, -1).float()  # (G, B, D), (c3, H3, W3) order
+        loss, g, df = head_backward(f, wh, bh, y, kmask, a3.dtype)
+        return loss, g, df.view(G, B, c3, H3 * W3).permute(1, 3, 0, 2).reshape(B, H3, W3, GC)
 
     @staticmethod
     def pool_relu(z: torch.Tensor):
@@ -202,7 +233,18 @@ class CKernels:
         return [ctypes.c_void_p(None if a is None else a.data_ptr()) if a is None or isinstance(a, torch.Tensor)
                 else ctypes.c_int64(a) for a in args]  # fmt: skip
 
-    patches4 = staticmethod(TorchKernels.patches4)
+    def head(self, a3, wh, bh, y, kmask):
+        if a3.dtype not in _SUFFIX or wh.shape[1] % 8:
+            return TorchKernels.head(a3, wh, bh, y, kmask)
+        a3 = a3.contiguous()
+        B, H3, W3, GC = a3.shape
+        G, D, K = wh.shape
+        loss, gwh, gbh = torch.empty(G), torch.empty(G, D, K), torch.empty(G, K)
+        da3 = torch.empty_like(a3)
+        km = kmask.to(torch.uint8).contiguous()
+        self._fn("head", a3.dtype)(*self._args(a3, wh.float().contiguous(), bh.float().contiguous(), y.contiguous(), km,
+                                               loss, gwh, gbh, da3, G, B, H3 * W3, GC // G, K))  # fmt: skip
+        return loss, {"wh": gwh, "bh": gbh}, da3
 
     def pool_relu(self, z: torch.Tensor):
         if z.dtype not in _SUFFIX:
@@ -295,7 +337,7 @@ def _compile(cc: str, out: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True, text=True, timeout=120)
+        subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True, text=True, timeout=120)
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):

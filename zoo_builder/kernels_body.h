@@ -2,6 +2,7 @@
 
 #define VAL CAT(val, SFX)
 #define LOAD8 CAT(load8, SFX)
+#define FROM_F32 CAT(from_f32, SFX)
 #define STORE8 CAT(store8, SFX)
 #define ROUND8 CAT(round8, SFX)
 
@@ -165,7 +166,71 @@ void CAT(conv1_bwd, SFX)(const uint8_t *u8, const float *f32, const int64_t *res
     }
 }
 
+/* The linear head and its mean cross-entropy for each model, forward and backward in one pass,
+   reading the pooled conv3 output where it lies: a3 (B, HW, G, C3) in T (TargetNet's feature order is
+   (C3, HW)), wh (G, D, K) and bh (G, K) float32 with D = C3*HW, y (G, B) class positions, kmask (G, K)
+   1 for the model's classes -> loss (G,), gwh (G, D, K), gbh (G, K) float32 and da3 (B, HW, G, C3) in T.
+   D must be a multiple of 8 (cnn-5k: C3 = 16).
+   As torch ops this is a dozen small calls plus two layout copies; here each sample's logits, softmax
+   and gradients are 3K vector dot products over D. */
+void CAT(head, SFX)(const T *restrict a3, const float *restrict wh, const float *restrict bh,
+                    const int64_t *restrict y, const uint8_t *restrict kmask, float *restrict loss,
+                    float *restrict gwh, float *restrict gbh, T *restrict da3,
+                    int64_t G, int64_t B, int64_t HW, int64_t C3, int64_t K) {
+    const int64_t D = C3 * HW;
+    float whT[K][D], gT[K][D], f[D], df[D], logit[K], dl[K];
+    for (int64_t g = 0; g < G; g++) {
+        const uint8_t *km = kmask + g * K;
+        for (int64_t d = 0; d < D; d++)
+            for (int64_t k = 0; k < K; k++) whT[k][d] = wh[(g * D + d) * K + k];
+        memset(gT, 0, sizeof gT);
+        float gb[K], total = 0.0f;
+        memset(gb, 0, sizeof gb);
+        for (int64_t b = 0; b < B; b++) {
+            for (int64_t hw = 0; hw < HW; hw++)
+                for (int64_t c = 0; c < C3; c++) f[c * HW + hw] = VAL(a3[((b * HW + hw) * G + g) * C3 + c]);
+            float m = -INFINITY;
+            for (int64_t k = 0; k < K; k++) {
+                if (!km[k]) continue;
+                vf8 acc = {0}, fv, wv; /* 8 partial sums: an in-order float sum would not vectorise */
+                for (int64_t d = 0; d < D; d += 8) {
+                    memcpy(&fv, f + d, sizeof fv);
+                    memcpy(&wv, whT[k] + d, sizeof wv);
+                    acc += fv * wv;
+                }
+                float z = bh[g * K + k];
+                for (int i = 0; i < 8; i++) z += acc[i];
+                logit[k] = z;
+                m = z > m ? z : m;
+            }
+            float sum = 0.0f;
+            for (int64_t k = 0; k < K; k++)
+                if (km[k]) sum += expf(logit[k] - m);
+            const float lse = m + logf(sum);
+            const int64_t t = y[g * B + b];
+            total += lse - logit[t];
+            for (int64_t k = 0; k < K; k++) dl[k] = km[k] ? (expf(logit[k] - lse) - (k == t)) / (float)B : 0.0f;
+            for (int64_t d = 0; d < D; d++) df[d] = 0.0f;
+            for (int64_t k = 0; k < K; k++) {
+                if (!km[k]) continue;
+                gb[k] += dl[k];
+                for (int64_t d = 0; d < D; d++) {
+                    gT[k][d] += dl[k] * f[d];
+                    df[d] += dl[k] * whT[k][d];
+                }
+            }
+            for (int64_t hw = 0; hw < HW; hw++)
+                for (int64_t c = 0; c < C3; c++) da3[((b * HW + hw) * G + g) * C3 + c] = FROM_F32(df[c * HW + hw]);
+        }
+        loss[g] = total / (float)B;
+        for (int64_t d = 0; d < D; d++)
+            for (int64_t k = 0; k < K; k++) gwh[(g * D + d) * K + k] = gT[k][d];
+        memcpy(gbh + g * K, gb, sizeof gb);
+    }
+}
+
 #undef VAL
 #undef LOAD8
+#undef FROM_F32
 #undef STORE8
 #undef ROUND8
