@@ -11,10 +11,12 @@ well-shaped product per pooled pixel and the pre-pool activations are never need
 (StackedCNN5k.conv_impl):
   * grouped (CPU default): conv2 and conv3 are one grouped convolution over all models of a call
     (model g = channel group g, channels-last; oneDNN's direct convolution, forward and backward
-    called directly, no autograd graph). Everything else (conv1 + pool + ReLU from the uint8 images,
-    its weight gradient, pool + ReLU and their backward) runs in the fused C kernels of
-    zoo_builder/kernels.c, or their torch twins where no C compiler is present. On a CPU core this
-    is 1.6x (float32) and 1.8x (bf16) faster per model-step than the same path in torch ops.
+    called directly, no autograd graph). Everything else runs in the fused C kernels of
+    zoo_builder/kernels.c (or their torch twins where no C compiler is present): conv1 + pool + ReLU
+    read straight from the uint8 images, conv1's weight gradient, pool + ReLU and their backward with
+    the conv biases' gradients, the head and its loss, and in float32 conv2's input gradient. On a
+    CPU core this is 2.2x (float32) and 2.1x (bf16) faster per model-step than the same path in torch
+    ops, and 3.0x / 3.2x faster than bmm.
   * bmm (GPU default): im2col + `torch.bmm` with the model dimension as the bmm batch, channels-last,
     hand-written backward. Why not autograd: these layers are tiny (8-24 channels), so time goes to
     memory traffic and per-op overhead; ReLU is applied after pooling (max and ReLU commute), and input
@@ -121,7 +123,7 @@ class StackedCNN5k:
         self.dtype = compute_dtype  # of the convolutions' training forward/backward (see fit_dtype)
         # How the models train (see the module docstring):
         #   bmm      im2col + bmm with a hand-written backward (the GPU path: 47k models/min on an H100);
-        #   grouped  grouped oneDNN convolutions + fused kernels: on a CPU core 2.3x (float32) and 2.8x
+        #   grouped  grouped oneDNN convolutions + fused kernels: on a CPU core 3.0x (float32) and 3.2x
         #            (bf16) the model-steps per second of bmm.
         # auto: grouped on a CPU, bmm on a GPU (grouped is untimed there).
         self.conv_impl = conv_impl

@@ -11,7 +11,15 @@
    (v & -(T)cond) rather than selects are what lets gcc vectorise the backward kernels (8x faster).
 
    idx holds, per pooled output, the window position 0..3 of the first maximum (max_pool2d's tie
-   rule: scan order (0,0) (0,1) (1,0) (1,1)), or 4 where relu(max) == 0, which gets no gradient. */
+   rule: scan order (0,0) (0,1) (1,0) (1,1)), or 4 where relu(max) == 0, which gets no gradient.
+
+   The kernels, in the order a training step calls them:
+     conv1_fwd       conv1 + pool + bias + ReLU, read from the uint8 images (load_image, below)
+     pool_relu_fwd   after conv2 and conv3 (oneDNN)
+     head            linear head + cross-entropy, forward and backward
+     pool_relu_bwd   with the preceding convolution's bias gradient
+     conv_dgrad_f32  conv2's input gradient in float32 (below)
+     conv1_bwd       conv1's weight and bias gradients */
 
 #include <math.h>
 #include <stdint.h>

@@ -1,23 +1,24 @@
-"""Everything but conv2/conv3 of batched cnn-5k training on the grouped path (fit.StackedCNN5k), as
-fused C kernels on a CPU, with a pure-torch twin of every kernel for GPUs and machines without a C
-compiler.
+"""Everything but the oneDNN convolutions of batched cnn-5k training on the grouped path
+(fit.StackedCNN5k), as fused C kernels on a CPU, with a pure-torch twin of every kernel for GPUs and
+machines without a C compiler.
 
 Why C: around the convolutions of a ~5K-parameter CNN, torch ops (max-pool with indices, the scatter
-backward into a zero-filled tensor, ReLU masks, layout copies, the 4x larger pre-pool conv1 output)
-cost more than the convolutions themselves; one pass per chain makes a CPU training step 1.6-1.8x
-faster (kernels.c says which chains). Why ctypes and not a torch C++ extension: kernels.c includes
-no headers beyond libc, so it compiles in under a second with any C compiler (a torch extension takes
-~30 s and needs ninja), and ctypes drops the GIL during each call, so the zoo builder's worker
-threads run kernels in parallel.
+backward into a zero-filled tensor, ReLU masks, layout copies, the 4x larger pre-pool conv1 output, a
+dozen tiny ops for the head) cost more than the convolutions themselves; one pass per chain makes a
+CPU training step about 2x faster (kernels.c says which chains). Why ctypes and not a torch C++
+extension: kernels.c includes no headers beyond libc, so it compiles in under a second with any C
+compiler (a torch extension takes ~30 s and needs ninja), and ctypes drops the GIL during each call,
+so the zoo builder's worker threads run kernels in parallel.
 
 The shared library is built once per source, compiler flags and CPU (it uses -march=native) into
 $TINA_KERNEL_CACHE (default ~/.cache/tina/kernels), written under a temporary name and renamed.
 TINA_KERNELS=0 turns the C kernels off. If compiling fails, training logs one warning and runs the
-torch twins: the same results to float32 rounding, 1.6-1.8x slower per training step.
+torch twins: the same results to float32 rounding, about 2x slower per training step.
 
 Both backends expose the same operations (conv1 and conv1_backward from an ImageBatch, pool_relu,
-pool_relu_backward, conv_backward); `state` is whatever a backward needs, opaque to callers. Pooled positions follow max_pool2d's tie rule (first maximum in scan order); outputs
-where relu(max) == 0 pass no gradient, like ReLU's backward.
+pool_relu_backward, conv_backward, head); `state` is whatever a backward needs, opaque to callers.
+Pooled positions follow max_pool2d's tie rule (first maximum in scan order); outputs where
+relu(max) == 0 pass no gradient, like ReLU's backward.
 """
 
 from __future__ import annotations
@@ -356,7 +357,7 @@ def load() -> CKernels | None:
             return _loaded["lib"]
         kernels = None
         if cc is None:
-            log.warning("no C compiler (cc, gcc or clang) found: batched CPU training uses torch ops (1.6-1.8x slower)")
+            log.warning("no C compiler (cc, gcc or clang) found: batched CPU training uses torch ops (about 2x slower)")
         else:
             key = hashlib.sha256(b"".join(f.read_bytes() for f in SOURCES) + " ".join(FLAGS).encode() + cc.encode() + _cpu_id().encode())
             path = _cache_dir() / f"kernels-{key.hexdigest()[:16]}.so"
@@ -367,7 +368,7 @@ def load() -> CKernels | None:
                 kernels = CKernels(ctypes.CDLL(str(path)))
             except (OSError, subprocess.SubprocessError) as e:
                 detail = getattr(e, "stderr", "") or str(e)
-                log.warning("could not build the CPU kernels (%s): batched CPU training uses torch ops (1.6-1.8x slower)",
+                log.warning("could not build the CPU kernels (%s): batched CPU training uses torch ops (about 2x slower)",
                             detail.strip().splitlines()[-1] if detail.strip() else e)
         _loaded["lib"] = kernels
         return kernels
