@@ -1,7 +1,7 @@
 # Tina: the two commands a new user needs are `make setup` and `make test` (see README.md).
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
-APT_PACKAGES := dataset-fashion-mnist openclipart-png wordnet-base
+APT_PACKAGES := dataset-fashion-mnist openclipart-png wordnet-base gcc
 TEST_APT_PACKAGES := chromium
 export HF_HUB_OFFLINE := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
