@@ -46,9 +46,10 @@ aten = torch.ops.aten
 
 SOURCE = Path(__file__).with_name("kernels.c")
 SOURCES = (SOURCE, SOURCE.with_name("kernels_body.h"))  # what the library is built from (its cache key)
-FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC", "-std=gnu11")
+FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=gnu11")
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 _C1 = 8  # the conv1 width kernels.c is specialised for
+_STACK_FLOATS = 1 << 16  # kernels.c keeps one padded image / the head's weights on the stack: small inputs only
 
 
 def _nhwc(t: torch.Tensor) -> torch.Tensor:
@@ -235,7 +236,7 @@ class CKernels:
                 else ctypes.c_int64(a) for a in args]  # fmt: skip
 
     def head(self, a3, wh, bh, y, kmask):
-        if a3.dtype not in _SUFFIX or wh.shape[1] % 8:
+        if a3.dtype not in _SUFFIX or wh.shape[1] % 8 or 2 * wh.shape[1] * wh.shape[2] > _STACK_FLOATS:
             return TorchKernels.head(a3, wh, bh, y, kmask)
         a3 = a3.contiguous()
         B, H3, W3, GC = a3.shape
@@ -257,7 +258,7 @@ class CKernels:
         self._fn("pool_relu_fwd", z.dtype)(*self._args(z, a, idx, N, H, W, C))
         return a, (idx, H, W)
 
-    def pool_relu_backward(self, da: torch.Tensor, state) -> torch.Tensor:
+    def pool_relu_backward(self, da: torch.Tensor, state):
         if not isinstance(state[0], torch.Tensor) or state[0].dtype != torch.uint8:
             return TorchKernels.pool_relu_backward(da, state)
         idx, H, W = state
@@ -278,7 +279,7 @@ class CKernels:
     def conv1(self, x: ImageBatch, w1: torch.Tensor, b1: torch.Tensor, dtype: torch.dtype):
         G, B, H, W, C = x.shape
         c = w1.shape[-1]
-        if dtype not in _SUFFIX or c != _C1:
+        if dtype not in _SUFFIX or c != _C1 or (H + 2) * (W + 2) * C > _STACK_FLOATS:
             return TorchKernels.conv1(x, w1, b1, dtype)
         w1, b1 = (t.to(dtype).float().contiguous() for t in (w1, b1))  # as the compute dtype holds them
         R = B * (H // 2) * (W // 2)
@@ -289,7 +290,7 @@ class CKernels:
 
     def conv_backward(self, dz, a, k, w, G):
         Ci = k.shape[1]
-        if dz.dtype != torch.float32 or Ci != _C1:
+        if dz.dtype != torch.float32 or Ci != _C1 or (dz.shape[2] + 2) * (dz.shape[3] + 2) * dz.shape[1] // G > _STACK_FLOATS:
             return TorchKernels.conv_backward(dz, a, k, w, G)
         _, dk, _ = aten.convolution_backward(dz, a, k, None, [1, 1], [1, 1], [1, 1], False, [0, 0], G, [False, True, False])
         B, GCo, H, W = dz.shape
