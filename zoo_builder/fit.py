@@ -42,7 +42,8 @@ from tina.errors import TinaError
 from tina.schedule import warmup_cosine
 from tina.targets import CNN5kBody
 from zoo_builder import kernels
-from zoo_builder.kernels import ImageBatch, TorchKernels, head_backward, head_loss
+from zoo_builder.kernels import (ImageBatch, TorchKernels, grouped_features, head_backward, head_loss, max4_relu,
+                                 max4_relu_backward)
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -173,27 +174,16 @@ class StackedCNN5k:
         """conv1 + 2x2 max-pool + ReLU, x (G, B, H, W, C) -> A1 (G, B*H/2*W/2, c1); with `keep`, what
         _conv1_backward needs. Z1 holds the 4 conv outputs of each pooled pixel; pool = max over them."""
         G, B, H, W, C = x.shape
-        c1, R1 = self.c1, B * (H // 2) * (W // 2)
+        R1 = B * (H // 2) * (W // 2)
         P1 = TorchKernels.patches4(x.view(G * B, H, W, C), x.dtype).view(G, R1, 16 * C)
-        Z1 = torch.bmm(P1, kernels.block_weight(w1))  # (G, R1, 4*c1)
-        if keep:  # training: the backward needs the argmax (max_pool2d's tie rule: first maximum)
-            Z1v = Z1.view(-1, 4, 1, c1).permute(0, 3, 1, 2)  # (G*R1, c1, 4, 1), channels-last
-            M1, I1 = aten.max_pool2d_with_indices(Z1v, [4, 1], [4, 1])
-        else:
-            z = Z1.view(G, -1, 4, c1)
-            M1 = torch.maximum(torch.maximum(z[:, :, 0], z[:, :, 1]), torch.maximum(z[:, :, 2], z[:, :, 3]))
-        A1 = torch.relu_(M1.view(G, R1, c1) + b1[:, None, :])
-        return A1, ({"P1": P1, "Z1v": Z1v, "I1": I1, "A1": A1} if keep else {})
+        A1, pool = max4_relu(torch.bmm(P1, kernels.block_weight(w1)), b1[:, None, :], keep)  # (G, R1, c1)
+        return A1, ({"P1": P1, "pool1": pool} if keep else {})
 
     def _conv1_backward(self, dA1: torch.Tensor, s: dict, g: dict) -> None:
         """dA1 (G, R1, c1) -> g["w1"], g["b1"] (float32)."""
-        G, c1 = dA1.shape[0], self.c1
-        dM1 = (dA1 * (s["A1"] > 0)).contiguous()  # through the ReLU
+        dZ1, dM1 = max4_relu_backward(dA1, s["pool1"])  # (G, R1, 4*c1), (G, R1, c1)
         g["b1"] = dM1.sum(1, dtype=torch.float32)
-        dZ1 = aten.max_pool2d_with_indices_backward(
-            dM1.view(-1, 1, 1, c1).permute(0, 3, 1, 2), s["Z1v"], [4, 1], [4, 1], [0, 0], [1, 1], False, s["I1"]
-        )  # (G*R1, c1, 4, 1): the gradient goes to the max position only
-        g["w1"] = kernels.block_weight_grad(s["P1"], dZ1.permute(0, 2, 3, 1).reshape(G, -1, 4 * c1))
+        g["w1"] = kernels.block_weight_grad(s["P1"], dZ1)
 
     def _forward(self, p, x, keep: bool):
         """Conv stack in x's dtype (weights are cast to it); features f (G, B, D) in float32."""
@@ -230,9 +220,7 @@ class StackedCNN5k:
         not masked). Always float32: the oracle accuracies a zoo records do not depend on precision."""
         if isinstance(x, ImageBatch):
             A3, _ = self._grouped_forward(p, x, torch.float32, kernels.backend(x.images.device, self.kernels))
-            B, H3, W3, GC = A3.shape
-            G = GC // self.c3
-            f = A3.view(B, H3 * W3, G, self.c3).permute(2, 0, 3, 1).reshape(G, B, -1)  # (G, B, D), (c3, H3, W3) order
+            f = grouped_features(A3, x.shape[0])  # (G, B, D)
         else:
             f, _ = self._forward(p, x, keep=False)
         return torch.baddbmm(p["bh"][:, None, :], f, p["wh"])

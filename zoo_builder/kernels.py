@@ -24,6 +24,7 @@ relu(max) == 0 pass no gradient, like ReLU's backward.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -77,6 +78,46 @@ def head_backward(f: torch.Tensor, wh: torch.Tensor, bh: torch.Tensor, y: torch.
     return loss, g, torch.bmm(dl, wh.transpose(1, 2)).to(dtype)
 
 
+def grouped_features(a3: torch.Tensor, G: int) -> torch.Tensor:
+    """The pooled conv3 output of G models in the grouped layout, a3 (B, H3, W3, G*c3), as each
+    model's features (G, B, D) in TargetNet's flatten order (c3, H3, W3)."""
+    B, H3, W3, GC = a3.shape
+    return a3.view(B, H3 * W3, G, GC // G).permute(2, 0, 3, 1).reshape(G, B, -1)
+
+
+def max4_relu(z: torch.Tensor, b: torch.Tensor, keep: bool = True):
+    """conv1's pool: z (..., 4*c), the 4 conv outputs of each pooled pixel -> relu(max over them + b)
+    (..., c), with b broadcast to that shape; with `keep`, the state max4_relu_backward needs
+    (max_pool2d's tie rule: the first maximum gets the gradient)."""
+    c = z.shape[-1] // 4
+    if not keep:
+        return torch.relu(z.view(*z.shape[:-1], 4, c).amax(-2) + b), None
+    zv = z.reshape(-1, 4, 1, c).permute(0, 3, 1, 2)  # (N, c, 4, 1), channels-last
+    m, i = aten.max_pool2d_with_indices(zv, [4, 1], [4, 1])
+    m = m.view(*z.shape[:-1], c) + b
+    return torch.relu(m), (zv, i, m > 0)
+
+
+def max4_relu_backward(da: torch.Tensor, state):
+    """da (..., c) -> the gradient of z (..., 4*c) (only at each window's maximum) and of the pre-ReLU
+    sum (..., c), whose sum over pixels is the bias gradient."""
+    zv, i, pos = state
+    c = da.shape[-1]
+    dm = (da * pos).contiguous()
+    dz = aten.max_pool2d_with_indices_backward(
+        dm.view(-1, 1, 1, c).permute(0, 3, 1, 2), zv, [4, 1], [4, 1], [0, 0], [1, 1], False, i
+    )  # (N, c, 4, 1), channels-last
+    return dz.permute(0, 2, 3, 1).reshape(*da.shape[:-1], 4 * c), dm
+
+
+@functools.lru_cache(maxsize=16)
+def _normalisation_table(mean: tuple, std: tuple, dtype: torch.dtype, device: str) -> torch.Tensor:
+    # the same float32 ops as FitData.inputs, then rounded to the compute dtype
+    mean_t, std_t = (torch.tensor(v, dtype=torch.float32, device=device) for v in (mean, std))
+    lut = torch.arange(256, dtype=torch.float32, device=device)[:, None].div(255.0).sub(mean_t).div(std_t)
+    return lut.to(dtype).float()
+
+
 @dataclass
 class ImageBatch:
     """conv1's input for G models x B images, left where it lives: rows (G, B) of `images`, either the
@@ -90,9 +131,8 @@ class ImageBatch:
 
     @staticmethod
     def from_pool(images: torch.Tensor, rows: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, dtype: torch.dtype):
-        # the same float32 ops as FitData.inputs, then rounded to the compute dtype
-        lut = torch.arange(256, dtype=torch.float32, device=images.device)[:, None].div(255.0).sub(mean).div(std)
-        return ImageBatch(images, rows, lut.to(dtype).float())
+        lut = _normalisation_table(tuple(mean.tolist()), tuple(std.tolist()), dtype, str(images.device))
+        return ImageBatch(images, rows, lut)
 
     @staticmethod
     def from_normalised(x: torch.Tensor, dtype: torch.dtype) -> "ImageBatch":
@@ -135,10 +175,8 @@ class TorchKernels:
         loss (G,), {"wh", "bh"} gradients (float32), and the gradient w.r.t. a3 in its layout and dtype."""
         B, H3, W3, GC = a3.shape
         G = wh.shape[0]
-        c3 = GC // G
-        f = a3.view(B, H3 * W3, G, c3).permute(2, 0, 3, 1).reshape(G, B, -1).float()  # (G, B, D), (c3, H3, W3) order
-        loss, g, df = head_backward(f, wh, bh, y, kmask, a3.dtype)
-        return loss, g, df.view(G, B, c3, H3 * W3).permute(1, 3, 0, 2).reshape(B, H3, W3, GC)
+        loss, g, df = head_backward(grouped_features(a3, G).float(), wh, bh, y, kmask, a3.dtype)
+        return loss, g, df.view(G, B, GC // G, H3 * W3).permute(1, 3, 0, 2).reshape(B, H3, W3, GC)
 
     @staticmethod
     def pool_relu(z: torch.Tensor):
@@ -169,23 +207,16 @@ class TorchKernels:
         # (R, G, 4c) array, so the pool reads and writes the grouped layout (MKL takes the strided output).
         z = P.new_empty(R, G, 4 * c)
         torch.bmm(P, block_weight(w1.to(dtype)), out=z.transpose(0, 1))
-        zv = z.view(R * G, 4, 1, c).permute(0, 3, 1, 2)  # (R*G, c, 4, 1), channels-last
-        m, i = aten.max_pool2d_with_indices(zv, [4, 1], [4, 1])
-        m = m.view(R, G, c) + b1.to(dtype)
-        return torch.relu(m), (zv, i, m > 0, P)
+        a, state = max4_relu(z, b1.to(dtype))
+        return a, (state, P)
 
     @staticmethod
     def conv1_backward(da: torch.Tensor, state):
         """conv1's backward from its pooled output: da (R, G, c) -> w1's gradient (G, 3, 3, C, c) and
         b1's (G, c), float32."""
-        zv, i, pos, P = state
-        R, G, c = pos.shape
-        dm = (da * pos).contiguous()  # (R, G, c)
-        dz = aten.max_pool2d_with_indices_backward(
-            dm.view(R * G, 1, 1, c).permute(0, 3, 1, 2), zv, [4, 1], [4, 1], [0, 0], [1, 1], False, i
-        )  # (R*G, c, 4, 1), channels-last
-        dz = dz.permute(0, 2, 3, 1).reshape(R, G, 4 * c).transpose(0, 1)  # (G, R, 4c)
-        return block_weight_grad(P, dz), dm.sum(0, dtype=torch.float32)
+        pool_state, P = state
+        dz, dm = max4_relu_backward(da, pool_state)  # (R, G, 4c), (R, G, c)
+        return block_weight_grad(P, dz.transpose(0, 1)), dm.sum(0, dtype=torch.float32)
 
     @staticmethod
     def conv_backward(dz: torch.Tensor, a: torch.Tensor, k: torch.Tensor, w: torch.Tensor, G: int):
@@ -300,7 +331,7 @@ class CKernels:
         return da, dk
 
     def conv1_backward(self, da: torch.Tensor, state):
-        if len(state) != 2:
+        if not isinstance(state[1], ImageBatch):  # conv1 fell back to the torch twin
             return TorchKernels.conv1_backward(da, state)
         idx, x = state
         G, B, H, W, C = x.shape
@@ -352,6 +383,8 @@ def load() -> CKernels | None:
         return None
     if CNN5kBody.widths[0] != _C1:
         return None
+    if "lib" in _loaded:  # called every training step: no lock, no PATH search once decided
+        return _loaded["lib"]
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     with _lock:
         if "lib" in _loaded:
