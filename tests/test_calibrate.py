@@ -1,6 +1,7 @@
 """The calibration command (tina/calibrate.py): measure, fit, check, write a quality.json Tina then uses."""
 
 import json
+import math
 import random
 import shutil
 from pathlib import Path
@@ -15,9 +16,8 @@ TINY_ZOO = str(Path(__file__).parent.parent / "configs" / "zoo" / "tiny.yaml")
 
 
 def _row(acc, k, sim, split="val", form="names"):
-    feats = dict.fromkeys(FEATURES, 0.0) | {"mean_sim": sim, "min_sim": sim, "log_k": float(k - 1), "logit_prior": 2.0}
-    return {"accuracy": acc, "k": k, "features": feats, "form": form, "split": split,
-            "classes": [{"similarity": sim, "exact": sim == 1.0, "resolved_true": sim > 0.5}]}
+    feats = dict.fromkeys(FEATURES, 0.0) | {"min_sim": sim, "log_k": math.log(k - 1), "logit_structured": 2.0}
+    return {"accuracy": acc, "k": k, "features": feats, "form": form, "split": split}
 
 
 def test_predictor_learns_that_low_similarity_means_chance():
@@ -54,7 +54,10 @@ def test_calibrate_writes_a_quality_file_the_generator_uses(random_generator, tm
     assert main(args) == 0
     q = json.loads((gen / "quality.json").read_text())
     assert q["fit"]["splits"] == ["unseen_class"] and q["check"]["split"] == "unseen_combo"  # tiny zoo: no val split
+    assert (gen / "quality_rows.json").is_file() and q["predictor"]["resolution"] is not None
     assert len(q["pair_recall"]) == 10 and q["pair_recall"][0][0] is None and 0 <= q["pair_recall"][0][1] <= 1
     assert "tina.calibrate" in q["command"] and q["check"]["rows"] > 0
     a = Tina.from_pretrained(gen).make_task("coat vs bag").assessment
     assert a.expected is not None and a.low <= a.expected <= a.high
+    assert main([*args, "--refit"]) == 0  # refit from the stored measurements, no generation
+    assert json.loads((gen / "quality.json").read_text())["check"]["mae"] == pytest.approx(q["check"]["mae"])

@@ -12,13 +12,15 @@ What it measures (no zoo needed: the task plan is a pure function of the zoo con
        paraphrase     hand-written paraphrases (tina/evaluate.py HAND_PARAPHRASES)
        one_unrelated  one class replaced by an unrelated word
        unrelated      every class an unrelated word
-     Features come from tina/expected.py (exactly what `tina generate` computes), the target is the
-     generated model's accuracy. A logistic model in those features predicts
+     Each row keeps the matches `tina generate` computes (tina/expected.py) and the generated model's
+     accuracy. From the fit rows: P(a class resolves to its true class | similarity, margin) (a
+     logistic), then a logistic model in tina/expected.py's FEATURES predicting
      z = (accuracy - chance) / (1 - chance); 80% ranges are the 10th/90th residual percentiles (logit
      space) within quartiles of the prediction.
   3. unknown threshold: the similarity at which a non-exact class resolves to its true class half the
      time (a 1-D logistic over every class of every degraded prompt of the fit rows).
   4. check: the unseen_combo class sets (never used for fitting), same forms: MAE and range coverage.
+The measurements go to CHECKPOINT/quality_rows.json; `--refit` refits from them without generating.
 Test images of each class are split in two halves (even / odd positions): pair_recall and the fit
 use the first half, the check the second, so the check never sees a fitted image.
 """
@@ -32,16 +34,17 @@ import math
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from tina.errors import TinaError
-from tina.expected import FEATURES, NEAR_CHANCE, QUALITY_FILE, QUALITY_FORMAT, task_features
+from tina.expected import FEATURES, NEAR_CHANCE, QUALITY_FILE, QUALITY_FORMAT, ClassMatch, task_features
 
 log = logging.getLogger(__name__)
+ROWS_FILE = "quality_rows.json"  # the measurements behind quality.json (refit with --refit, no generation)
 FORMS = ("names", "related", "paraphrase", "one_unrelated", "unrelated")
 COVERAGE = (0.1, 0.9)  # residual percentiles of the 80% range
 N_BINS = 4
@@ -162,15 +165,17 @@ def measure(tina, ds, plan_tasks: list, split: str, half: int, cfg: CalibrationC
             images[t.task_id] = task_images(ds, list(t.classes), half, cfg.images_per_class)
         x, y = images[t.task_id]
         acc = float(flat_accuracies(tina.bundle, flat[None], len(t.classes), x, y)[0])
-        a = task.assessment
         truth = [vocab_index.get(ds.classes[c]) for c in t.classes]
         rows.append({
-            "split": split, "task": t.task_id, "form": form, "k": len(t.classes), "texts": task.classes, "accuracy": acc,
-            "features": task_features(a.matches, tina.bundle.quality["pair_recall"]),
-            "classes": [{"similarity": m.similarity, "exact": m.exact, "resolved_true": m.index == tr}
-                        for m, tr in zip(a.matches, truth)],
+            "split": split, "task": t.task_id, "form": form, "k": len(t.classes), "accuracy": round(acc, 5),
+            "matches": [asdict(m) | {"similarity": round(m.similarity, 5), "margin": round(m.margin, 5),
+                                     "resolved_true": m.index == tr} for m, tr in zip(task.assessment.matches, truth)],
         })
     return rows
+
+
+def _matches(row: dict) -> list[ClassMatch]:
+    return [ClassMatch(**{k: v for k, v in m.items() if k != "resolved_true"}) for m in row["matches"]]
 
 
 # ---- fitting --------------------------------------------------------------------------------------
@@ -219,14 +224,29 @@ def fit_predictor(rows: list[dict]) -> dict:
             "bias": float(b), "bins": bins, "target": "z = (accuracy - 1/k) / (1 - 1/k), logistic"}
 
 
+def _class_points(rows: list[dict]) -> list[dict]:
+    """Every non-exactly named class of the degraded prompts, with whether it resolved to its true class."""
+    return [m for r in rows if r["form"] != "names" for m in r["matches"]
+            if m["name"].lower() != m["known"].lower()]
+
+
+def fit_resolution(rows: list[dict]) -> dict | None:
+    """Logistic P(resolves to the true class | similarity, margin) (tina/expected.py resolution_probability)."""
+    pts = _class_points(rows)
+    if len(pts) < 10 or len({m["resolved_true"] for m in pts}) < 2:
+        return None
+    x = torch.tensor([[m["similarity"], m["margin"]] for m in pts], dtype=torch.float64)
+    w, b = _logistic(x, torch.tensor([float(m["resolved_true"]) for m in pts], dtype=torch.float64), l2=0.0)
+    return {"weights": w.tolist(), "bias": float(b), "classes": len(pts)}
+
+
 def fit_unknown_threshold(rows: list[dict]) -> dict:
     """Similarity at which a non-exactly named class resolves to its true class with probability 1/2."""
-    pts = [(c["similarity"], float(c["resolved_true"])) for r in rows if r["form"] != "names" for c in r["classes"]
-           if not c["exact"]]
-    if len(pts) < 10 or len({p[1] for p in pts}) < 2:
+    pts = _class_points(rows)
+    if len(pts) < 10 or len({m["resolved_true"] for m in pts}) < 2:
         return {"value": None, "classes": len(pts)}
-    s = torch.tensor([p[0] for p in pts], dtype=torch.float64)[:, None]
-    y = torch.tensor([p[1] for p in pts], dtype=torch.float64)
+    s = torch.tensor([m["similarity"] for m in pts], dtype=torch.float64)[:, None]
+    y = torch.tensor([float(m["resolved_true"]) for m in pts], dtype=torch.float64)
     w, b = _logistic(s, y, l2=0.0)
     return {"value": float(-b / w[0]), "classes": len(pts), "resolved_true": int(y.sum()), "slope": float(w[0])}
 
@@ -254,12 +274,10 @@ def check(predictor: dict, rows: list[dict]) -> dict:
 # ---- the command ----------------------------------------------------------------------------------
 
 
-def calibrate(cfg: CalibrationConfig) -> dict:
-    """Measure, fit, check; write quality.json into the checkpoint (or cfg.out) and return it."""
-    from tina.atomic import atomic_write_text
+def measure_all(cfg: CalibrationConfig) -> dict:
+    """Generate and score every calibration model: pair recall, fit rows, check rows."""
     from tina.config import load_config
     from tina.datasets import load_dataset
-    from tina.registry import checkpoint_name
     from tina.sample import Tina
     from zoo_builder.config import ZooConfig
     from zoo_builder.tasks import sample_tasks
@@ -278,43 +296,75 @@ def calibrate(cfg: CalibrationConfig) -> dict:
         ts = plan.split(name)
         return ts[: cfg.max_tasks] if cfg.max_tasks else ts
 
-    bundle.quality = None  # features must not depend on an older calibration
+    bundle.quality = None  # the matches must not depend on an older calibration
     table = pair_recall(tina, ds, vocab_ids, cfg)
     log.info("pair recall measured (%.0f s)", time.perf_counter() - t0)
-    bundle.quality = {"pair_recall": table}
     fit_rows = measure(tina, ds, split("val"), "val", 0, cfg) + measure(tina, ds, split("unseen_class"), "unseen_class", 0, cfg)
     check_rows = measure(tina, ds, split("unseen_combo"), "unseen_combo", 1, cfg)
     if not fit_rows or not check_rows:
         raise TinaError("the zoo config has no val/unseen_class tasks to fit on or no unseen_combo tasks to check on")
-    predictor = fit_predictor(fit_rows)
-    threshold = fit_unknown_threshold(fit_rows)
-    fit_stats, check_stats = check(predictor, fit_rows), check(predictor, check_rows)
-    seconds = time.perf_counter() - t0
+    return {"format": QUALITY_FORMAT + "-rows", "vocab": bundle.vocab, "layout_fingerprint": bundle.fingerprint,
+            "pair_recall": table, "fit_rows": fit_rows, "check_rows": check_rows,
+            "measure_seconds": round(time.perf_counter() - t0, 1)}
+
+
+def fit_all(m: dict, cfg: CalibrationConfig, dataset: str, name: str) -> dict:
+    """quality.json's content from the measurements: predictor, thresholds, check."""
+    resolution = fit_resolution(m["fit_rows"])
+    for r in m["fit_rows"] + m["check_rows"]:
+        r["features"] = task_features(_matches(r), m["pair_recall"], resolution)
+    predictor = fit_predictor(m["fit_rows"]) | {"resolution": resolution}
+    threshold = fit_unknown_threshold(m["fit_rows"])
+    fit_stats, check_stats = check(predictor, m["fit_rows"]), check(predictor, m["check_rows"])
     names = check_stats["by_form"].get("names", {})
-    quality = {
-        "format": QUALITY_FORMAT, "vocab": bundle.vocab, "layout_fingerprint": bundle.fingerprint,
-        "dataset": bundle.dataset,
+    table, V = m["pair_recall"], len(m["vocab"])
+    return {
+        "format": QUALITY_FORMAT, "vocab": m["vocab"], "layout_fingerprint": m["layout_fingerprint"], "dataset": dataset,
         "summary": (f"exact class names on {names.get('rows', 0)} held-out class sets: accuracy "
-                    f"{names.get('mean_accuracy', float('nan')):.3f} (expected {names.get('mean_expected', float('nan')):.3f}); "
-                    f"all prompt forms: MAE {check_stats['mae']:.3f}, 80% range coverage {check_stats['coverage']:.0%}"),
+                    f"{names.get('mean_accuracy', float('nan')):.3f} (expected {names.get('mean_expected', float('nan')):.3f}, "
+                    f"MAE {names.get('mae', float('nan')):.3f}); all prompt forms: MAE {check_stats['mae']:.3f}, "
+                    f"80% range coverage {check_stats['coverage']:.0%}"),
         "pair_recall": table,
-        "class_recall": {bundle.vocab[v]: round(float(np.mean([x for x in table[v] if x is not None])), 4)
-                         for v in sorted(vocab_ids.values())},
+        "class_recall": {m["vocab"][v]: round(float(np.mean([x for x in table[v] if x is not None])), 4)
+                         for v in range(V) if any(x is not None for x in table[v])},
         "predictor": predictor,
         "thresholds": {"unknown_similarity": threshold["value"] if threshold["value"] is not None else 0.5,
                        "unknown_fit": threshold, "near_chance": NEAR_CHANCE},
-        "fit": {"splits": sorted({r["split"] for r in fit_rows}), "rows": len(fit_rows), "images": "even test positions",
-                **{k: v for k, v in fit_stats.items() if k != "by_form"}},
+        "fit": {"splits": sorted({r["split"] for r in m["fit_rows"]}), "rows": len(m["fit_rows"]),
+                "images": "even test positions", **{k: v for k, v in fit_stats.items() if k != "by_form"}},
         "check": {"split": "unseen_combo", "images": "odd test positions", **check_stats},
         "config": {"zoo_config": cfg.zoo_config, "images_per_class": cfg.images_per_class, "max_tasks": cfg.max_tasks,
                    "forms": list(cfg.forms), "seed": cfg.seed},
-        "command": f"python -m tina.calibrate {checkpoint_name(bundle.path)} --zoo-config {cfg.zoo_config} "
-                   f"--images-per-class {cfg.images_per_class}" + (f" --max-tasks {cfg.max_tasks}" if cfg.max_tasks else ""),
-        "seconds": round(seconds, 1),
-        "rows": [{k: v for k, v in r.items() if k != "classes"} for r in check_rows],
+        "command": f"python -m tina.calibrate {name} --zoo-config {cfg.zoo_config} --images-per-class {cfg.images_per_class}"
+                   + (f" --max-tasks {cfg.max_tasks}" if cfg.max_tasks else ""),
+        "measure_seconds": m["measure_seconds"],
     }
-    out = Path(cfg.out) if cfg.out else bundle.path / QUALITY_FILE
-    atomic_write_text(out, json.dumps(quality, indent=1))
+
+
+def calibrate(cfg: CalibrationConfig, refit: bool = False) -> dict:
+    """Measure (or, with `refit`, reread CHECKPOINT/quality_rows.json), fit, check; write quality.json
+    (into the checkpoint, or cfg.out) and the measurements beside it; return quality.json's content."""
+    from tina.atomic import atomic_write_text
+    from tina.bundle import load_bundle
+    from tina.registry import checkpoint_name, resolve_checkpoint
+
+    path = resolve_checkpoint(cfg.checkpoint)
+    out = Path(cfg.out) if cfg.out else path / QUALITY_FILE
+    if refit:
+        rows_file = out.parent / ROWS_FILE
+        if not rows_file.is_file():
+            raise TinaError(f"--refit needs {rows_file} from an earlier run")
+        m = json.loads(rows_file.read_text())
+        bundle = load_bundle(path)
+        if m.get("vocab") != bundle.vocab or m.get("layout_fingerprint") != bundle.fingerprint:
+            raise TinaError(f"{rows_file} was measured on another vocabulary or layout; calibrate without --refit")
+        dataset = bundle.dataset
+    else:
+        m = measure_all(cfg)
+        dataset = load_bundle(path).dataset
+        atomic_write_text(out.parent / ROWS_FILE, json.dumps(m))  # before fitting: a failed fit keeps the measurements
+    quality = fit_all(m, cfg, dataset, checkpoint_name(path))
+    atomic_write_text(out, json.dumps(quality))
     return quality
 
 
@@ -327,11 +377,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--forms", nargs="+", default=list(FORMS), choices=FORMS)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="where to write (default CHECKPOINT/quality.json)")
+    ap.add_argument("--refit", action="store_true", help=f"refit from the {ROWS_FILE} of an earlier run (no generation)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         q = calibrate(CalibrationConfig(args.checkpoint, args.zoo_config, args.images_per_class, args.max_tasks,
-                                        tuple(args.forms), args.seed, args.out))
+                                        tuple(args.forms), args.seed, args.out), refit=args.refit)
     except TinaError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -339,7 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     for form, s in q["check"]["by_form"].items():
         print(f"  {form:14s} {s['rows']:4d} rows  accuracy {s['mean_accuracy']:.3f}  expected {s['mean_expected']:.3f}  "
               f"MAE {s['mae']:.3f}  coverage {s['coverage']:.0%}")
-    print(f"unknown-class similarity threshold {q['thresholds']['unknown_similarity']:.3f}; {q['seconds']:.0f} s")
+    print(f"unknown-class similarity threshold {q['thresholds']['unknown_similarity']:.3f}; "
+          f"measuring took {q['measure_seconds']:.0f} s")
     return 0
 
 

@@ -33,7 +33,7 @@ QUALITY_FORMAT = "tina-quality/1"
 QUALITY_FILE = "quality.json"
 DEFAULT_UNKNOWN_SIMILARITY = 0.5  # without a calibration: the pre-calibration vocabulary warning's cut
 NEAR_CHANCE = 0.3  # warn when the expected accuracy covers less than this share of the way from chance to 1
-FEATURES = ("logit_prior", "log_k", "mean_sim", "min_sim", "mean_margin", "min_margin", "collision_frac")
+FEATURES = ("logit_structured", "log_k", "min_sim", "min_margin", "collision_frac")
 EPS = 1e-3
 
 
@@ -99,30 +99,42 @@ def _logit(p: float) -> float:
     return math.log(p / (1 - p))
 
 
-def task_features(matches: list[ClassMatch], pair_recall: list[list[float | None]] | None) -> dict[str, float]:
-    """The predictor's inputs for one task. prior = mean over classes of the product of the pairwise
-    recalls against the other classes' matches (0.5 where two classes share a match: a coin flip)."""
+def resolution_probability(m: ClassMatch, resolution: dict | None) -> float:
+    """P(a class resolves to its true known class): 1 for an exact name, else a logistic in
+    (similarity, margin) fitted by the calibration (1 without one)."""
+    if m.exact or not resolution:
+        return 1.0
+    w, b = resolution["weights"], resolution["bias"]
+    return 1 / (1 + math.exp(-(b + w[0] * m.similarity + w[1] * m.margin)))
+
+
+def task_features(matches: list[ClassMatch], pair_recall: list[list[float | None]] | None,
+                  resolution: dict | None = None) -> dict[str, float]:
+    """The predictor's inputs for one task.
+
+    recall_i = product of the pairwise recalls of class i's match against the other classes' matches
+    (0.5 where two classes share a match: a coin flip); p_i = resolution_probability; structured =
+    mean_i (p_i recall_i + (1 - p_i) / k): a misresolved class scores chance. With exact names,
+    structured alone predicts Fashion-MNIST's held-out accuracies within 0.01 (docs).
+    """
     k = len(matches)
     ids = [m.index for m in matches]
-    prior = float("nan")
+    recall = [1.0] * k
     if pair_recall is not None:
         measured = [v for row in pair_recall for v in row if v is not None]
         fill = sum(measured) / len(measured) if measured else 0.9
-        per_class = []
         for i, a in enumerate(ids):
-            p = 1.0
             for j, b in enumerate(ids):
                 if i != j:
-                    p *= 0.5 if a == b else (pair_recall[a][b] if pair_recall[a][b] is not None else fill)
-            per_class.append(p)
-        prior = sum(per_class) / k
+                    recall[i] *= 0.5 if a == b else (pair_recall[a][b] if pair_recall[a][b] is not None else fill)
+    p = [resolution_probability(m, resolution) for m in matches]
+    structured = sum(pi * ri + (1 - pi) / k for pi, ri in zip(p, recall)) / k
     sims, margins = [m.similarity for m in matches], [m.margin for m in matches]
     return {
-        "logit_prior": _logit(prior) if prior == prior else 0.0,
+        "structured": structured,
+        "logit_structured": _logit((structured - 1 / k) / (1 - 1 / k)),
         "log_k": math.log(k - 1),
-        "mean_sim": sum(sims) / k,
         "min_sim": min(sims),
-        "mean_margin": sum(margins) / k,
         "min_margin": min(margins),
         "collision_frac": (k - len(set(ids))) / k,
     }
@@ -245,11 +257,11 @@ def assess(classes: list[str], cond: torch.Tensor, vocab: list[str], keys: torch
     if quality is None or "predictor" not in quality:
         a.basis = "this checkpoint has no calibration (quality.json); run python -m tina.calibrate CHECKPOINT"
         return a
-    feats = task_features(matches, quality.get("pair_recall"))
+    feats = task_features(matches, quality.get("pair_recall"), quality["predictor"].get("resolution"))
     a.expected, a.low, a.high = predict(quality["predictor"], feats, k)
     chk = quality.get("check", {})
     a.basis = (f"calibrated on {quality.get('fit', {}).get('rows', '?')} generated models with real test images "
-               f"(k, similarity to the vocabulary, collisions, pairwise recall); on held-out class sets "
+               f"(k, similarity to the vocabulary, collisions, pairwise recall of known classes); on held-out class sets "
                f"MAE {chk.get('mae', float('nan')):.3f}, range coverage {chk.get('coverage', float('nan')):.0%}")
     near = float(quality.get("thresholds", {}).get("near_chance", NEAR_CHANCE))
     if (a.expected - a.chance) < near * (1 - a.chance):
