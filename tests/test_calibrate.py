@@ -10,13 +10,15 @@ import pytest
 
 from tina.calibrate import check, fit_predictor, form_texts, main, related_term
 from tina.errors import TinaError
-from tina.expected import FEATURES
+from tina.expected import BIN_FEATURE, FEATURES
 
 TINY_ZOO = str(Path(__file__).parent.parent / "configs" / "zoo" / "tiny.yaml")
 
 
 def _row(acc, k, sim, split="val", form="names"):
-    feats = dict.fromkeys(FEATURES, 0.0) | {"min_sim": sim, "log_k": math.log(k - 1), "logit_structured": 2.0}
+    exact = float(sim == 1.0)
+    feats = dict.fromkeys(FEATURES, 0.0) | {"exact_frac": exact, "log_k": math.log(k - 1), "logit_structured": 2.0 if exact else -2.0,
+                                            BIN_FEATURE: 0.0 if exact else 0.2}
     return {"accuracy": acc, "k": k, "features": feats, "form": form, "split": split}
 
 
@@ -54,7 +56,7 @@ def test_calibrate_writes_a_quality_file_the_generator_uses(random_generator, tm
     assert main(args) == 0
     q = json.loads((gen / "quality.json").read_text())
     assert q["fit"]["splits"] == ["unseen_class"] and q["check"]["split"] == "unseen_combo"  # tiny zoo: no val split
-    assert (gen / "quality_rows.json").is_file() and q["predictor"]["resolution"] is not None
+    assert (gen / "quality_rows.json").is_file() and "resolution" in q["predictor"]
     assert len(q["pair_recall"]) == 10 and q["pair_recall"][0][0] is None and 0 <= q["pair_recall"][0][1] <= 1
     assert "tina.calibrate" in q["command"] and q["check"]["rows"] > 0
     a = Tina.from_pretrained(gen).make_task("coat vs bag").assessment
