@@ -196,6 +196,7 @@ class Assessment:
     low: float | None = None
     high: float | None = None
     basis: str = ""
+    check: str = ""  # short form of the basis: how the calibration did on held-out class sets
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -211,8 +212,8 @@ class Assessment:
         """One line: 'expected accuracy 0.93 (80% range 0.89-0.96; basis ...)'."""
         if self.expected is None:
             return f"expected accuracy: unknown ({self.basis})"
-        return (f"expected accuracy {self.expected:.2f} (80% range {self.low:.2f}-{self.high:.2f}; chance {self.chance:.2f}) "
-                f"- {self.basis}")
+        return (f"expected accuracy {self.expected:.2f} (80% range {self.low:.2f}-{self.high:.2f}; chance {self.chance:.2f}; "
+                f"{self.check})")
 
     def resolved(self) -> str:
         """'boot -> ankle boot (0.62), jacket -> coat (0.78)' for the classes not named exactly."""
@@ -263,6 +264,7 @@ def assess(classes: list[str], cond: torch.Tensor, vocab: list[str], keys: torch
     feats = task_features(matches, quality.get("pair_recall"), quality["predictor"].get("resolution"))
     a.expected, a.low, a.high = predict(quality["predictor"], feats, k)
     chk = quality.get("check", {})
+    a.check = f"calibrated on held-out class sets: MAE {chk.get('mae', float('nan')):.3f}, range coverage {chk.get('coverage', float('nan')):.0%}"
     a.basis = (f"calibrated on {quality.get('fit', {}).get('rows', '?')} generated models with real test images "
                f"(k, similarity to the vocabulary, collisions, pairwise recall of known classes); on held-out class sets "
                f"MAE {chk.get('mae', float('nan')):.3f}, range coverage {chk.get('coverage', float('nan')):.0%}")
