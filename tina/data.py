@@ -180,7 +180,8 @@ def fit_layout_stats(zoo: str | Path, layout: ParamLayout, limit: int = 4000, an
 
 def load_anchor(zoo: str | Path, layout: ParamLayout) -> SelectionAnchor:
     """Classifier selection from the zoo's generic model (generic.safetensors), matched by the
-    embeddings of every class's prompt variants (vocab.safetensors)."""
+    embeddings of every class's prompt variants (vocab.safetensors). Strictly held-out classes
+    (manifest held_out_classes) are not part of it: the generator never hears their names."""
     from safetensors.torch import load_file
 
     paths = [Path(zoo) / "generic.safetensors", Path(zoo) / "vocab.safetensors"]
@@ -188,7 +189,8 @@ def load_anchor(zoo: str | Path, layout: ParamLayout) -> SelectionAnchor:
         if not path.is_file():
             raise TinaError(f"{path} is missing: residual training needs the zoo's generic model and vocabulary "
                             "(or set residual=false)")  # fmt: skip
-    return SelectionAnchor.from_generic(layout, load_file(paths[0]), load_file(paths[1])["variants"])
+    held = read_manifest(zoo).get("held_out_classes", [])
+    return SelectionAnchor.from_generic(layout, load_file(paths[0]), load_file(paths[1])["variants"], held_out=held)
 
 
 class ZooDataModule(L.LightningDataModule):

@@ -547,25 +547,29 @@ class GroupResult:
     final_loss: list[float]
 
 
-def selection_state_dicts(generic: dict[str, torch.Tensor], tasks: list[list[int]]) -> list[dict[str, torch.Tensor]]:
+def selection_state_dicts(generic: dict[str, torch.Tensor], tasks: list[list[int]],
+                          proxy: dict[int, int] | None = None) -> list[dict[str, torch.Tensor]]:
     """Classifier selection, every task's starting point: the generic body and the generic head's
-    rows for the task's classes, in task order."""
+    rows for the task's classes, in task order. `proxy` maps a class the generic model never saw (a
+    strictly held-out class) to the known class whose row stands in for it ("nearest known class")."""
     body = {n: v for n, v in generic.items() if n.startswith("body.")}
-    return [dict(body, **{"head.weight": generic["head.weight"][t], "head.bias": generic["head.bias"][t]}) for t in tasks]
+    rows = [[(proxy or {}).get(c, c) for c in t] for t in tasks]
+    return [dict(body, **{"head.weight": generic["head.weight"][r], "head.bias": generic["head.bias"][r]}) for r in rows]
 
 
 def fit_group(net, generic: dict[str, torch.Tensor], tasks: list[list[int]], keys: torch.Tensor, data: FitData, cfg,
-              models_per_call: int = 0) -> GroupResult:
+              models_per_call: int = 0, proxy: dict[int, int] | None = None) -> GroupResult:
     """Initialise each task's model from the generic one (classifier selection), fine-tune all of
     them together for cfg.steps steps, and evaluate before and after.
 
     `keys` (G,): each model's random stream (model_keys); `cfg`: FinetuneConfig. Runs on the device
-    of `data` (FitData.to); `models_per_call` models per forward/backward (0 = the whole group)."""
+    of `data` (FitData.to); `models_per_call` models per forward/backward (0 = the whole group);
+    `proxy`: held-out class -> the known class whose generic row initialises it (selection_state_dicts)."""
     dev = data.train.device
     k_max = max(len(t) for t in tasks)
     ids, ks, kmask = (t.to(dev) for t in class_tables(tasks, k_max))
     keys = keys.to(dev)
-    init = selection_state_dicts(generic, tasks)
+    init = selection_state_dicts(generic, tasks, proxy)
     params = {n: t.to(dev) for n, t in net.pack(init, k_max).items()}
     # Selection accuracy = the generic model restricted to the task's classes: generic features
     # (computed once for the whole evaluation set) through the selected head rows.
