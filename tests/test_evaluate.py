@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from tina.errors import TinaError
-from tina.evaluate import (
-    BASELINES, FORMS, ZooPool, flat_accuracies, load_eval_config, main, mean_flat, mismatched_ids, retrieval_flat,
-    retrieve, selection_flat,
-)
+from evaluation.baselines import ZooPool, mean_flat, retrieval_flat, retrieve, selection_flat
+from evaluation.cli import main
+from evaluation.config import BASELINES, FORMS, load_eval_config
+from evaluation.prompts import mismatched_ids
+from evaluation.scoring import flat_accuracies
 from tina.layout import layout_for
 from tina.targets import get_target
 from tina.testing import FASHION_IMAGE
@@ -101,7 +102,7 @@ def test_mismatched_classes_never_share_a_position():
 
 
 def test_finetune_schedule_is_the_zoo_builders():
-    from tina.evaluate import recipe_lr
+    from evaluation.finetune import recipe_lr
     from zoo_builder.fit import lr_at
 
     ft = {"lr": 3e-3, "warmup_steps": 10, "steps": 100}
@@ -141,7 +142,7 @@ def test_eval_configs_load_and_bad_keys_are_errors():
 def test_paper_setting_fails_clearly_where_its_pieces_are_missing(tmp_path):
     cfg = load_eval_config(str(CONFIGS / "cifar100_paper.yaml"), [f"zoo={tmp_path / 'nozoo'}", f"out={tmp_path / 'out'}",
                                                                    f"checkpoint={tmp_path / 'nobundle'}"])
-    from tina.evaluate import evaluate
+    from evaluation import evaluate
 
     with pytest.raises(TinaError, match="cannot run here") as e:
         evaluate(cfg)
@@ -210,7 +211,7 @@ def test_image_prompts_with_a_projector(tiny_zoo, tiny_run, tmp_path):
     from dataclasses import asdict
 
     from tina.bundle import load_bundle, save_bundle
-    from tina.evaluate import evaluate
+    from evaluation import evaluate
 
     bundle = load_bundle(tiny_run / "bundle")
     cfg = projector.ProjectorConfig(width=4, image=bundle.image.to_dict(), embed_dim=bundle.vocab_emb.shape[1],
