@@ -3,8 +3,6 @@ text, head composition."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
@@ -29,66 +27,98 @@ def selection_flat(layout, generic: dict[str, torch.Tensor], class_ids: list[int
     return layout.flatten(state)
 
 
-@dataclass
-class ZooPool:
-    """The training zoo as the retrieval and mean baselines see it (train split only)."""
+class TextRetrieval:
+    """Retrieval by text over the whole training zoo, streamed: for each query task (per-class embeddings
+    (k, E)) the zoo model with the highest mean over task classes of the best cosine to one of its classes
+    (plain-name embeddings); ties go to the closest k, then to the first model in shard order.
 
-    keys: list[str]
-    class_ids: list[list[int]]
-    names_emb: list[torch.Tensor]  # per model (k_j, E), unit rows: plain-name embeddings in head order
-    params: list[torch.Tensor]  # per model flat (P_j,)
-
-    @classmethod
-    def from_models(cls, models: list[dict]) -> "ZooPool":
-        return cls([m["key"] for m in models], [list(m["class_ids"]) for m in models],
-                   [F.normalize(m["emb"][:, 0].float(), dim=-1) for m in models], [m["params"] for m in models])
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-
-def retrieve(pool: ZooPool, query: torch.Tensor) -> dict:
-    """Nearest pool model for per-class query embeddings (k, E): its index, score and row map.
-
-    rows[i] = the pool model's head row that serves task class i (its most similar class).
+    Memory: one embedding per class id seen (the zoo's per-model text keys are class ids) and, per query,
+    the best model so far (its key, row map and weights), never the zoo.
     """
-    if not len(pool):
-        raise TinaError("the retrieval baseline needs a zoo with training models")
-    query = F.normalize(query.float(), dim=-1)
-    k = query.shape[0]
-    best = None
-    for j, emb in enumerate(pool.names_emb):
-        sims = query @ emb.T  # (k, k_j)
-        top, rows = sims.max(dim=1)
-        key = (round(float(top.mean()), 6), -abs(emb.shape[0] - k))  # rounding: exact ties fall to the k rule
-        if best is None or key > best[0]:
-            best = (key, j, rows)
-    (score, _), j, rows = best
-    return {"index": j, "key": pool.keys[j], "score": score, "rows": rows.tolist()}
+
+    def __init__(self, queries: list[torch.Tensor]):
+        self.queries = [F.normalize(q.float(), dim=-1) for q in queries]  # each (k, E)
+        self.class_emb: dict[int, torch.Tensor] = {}  # class id -> (E,) unit plain-name embedding
+        self.best: list[dict | None] = [None] * len(queries)
+        self.models = 0
+
+    def add(self, models: list[dict]) -> None:
+        """One chunk of zoo models (dicts of tina.data.iter_split)."""
+        if not models or not self.queries:
+            return
+        for m in models:
+            for c, e in zip(m["class_ids"], m["emb"][:, 0]):
+                self.class_emb.setdefault(int(c), F.normalize(e.float(), dim=-1))
+        ids = sorted(self.class_emb)
+        col = {c: j for j, c in enumerate(ids)}
+        table = torch.stack([self.class_emb[c] for c in ids])  # (V', E)
+        J = max(len(m["class_ids"]) for m in models)
+        idx = torch.zeros(len(models), J, dtype=torch.long)  # (M, J) column of each model class
+        valid = torch.zeros(len(models), J, dtype=torch.bool)
+        for r, m in enumerate(models):
+            idx[r, : len(m["class_ids"])] = torch.tensor([col[int(c)] for c in m["class_ids"]])
+            valid[r, : len(m["class_ids"])] = True
+        kj = valid.sum(1)  # (M,)
+        for q, query in enumerate(self.queries):
+            sims = (query @ table.T)[:, idx]  # (k, M, J)
+            top, rows = sims.masked_fill(~valid[None], -2.0).max(dim=2)  # (k, M)
+            # Rounding: exact ties fall to the k rule; integer keys compare exactly.
+            score = torch.round(top.double().mean(0) * 1e6).long()  # (M,)
+            key = score * 1000 - (kj - query.shape[0]).abs()
+            j = int(key.argmax())  # the first of equal keys
+            if self.best[q] is None or int(key[j]) > self.best[q]["rank"]:
+                self.best[q] = {"rank": int(key[j]), "key": models[j]["key"], "score": float(score[j]) / 1e6,
+                                "rows": rows[:, j].tolist(), "params": models[j]["params"].clone()}
+        self.models += len(models)
+
+    def hit(self, q: int) -> dict:
+        """The best model for query q: key, score, rows (rows[i] = its head row serving task class i)."""
+        if self.best[q] is None:
+            raise TinaError("the retrieval baseline needs a zoo with training models")
+        return {n: self.best[q][n] for n in ("key", "score", "rows")}
+
+    def flat(self, layout, q: int) -> torch.Tensor:
+        """The retrieved model with its head rows reordered to the task's classes (its body unchanged)."""
+        self.hit(q)
+        params = self.best[q]["params"]
+        return with_rows(layout, params[: layout.body_size], head_rows(layout, params)[self.best[q]["rows"]])
 
 
-def retrieval_flat(layout, pool: ZooPool, query: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """The retrieved model with its head rows reordered to the task's classes."""
-    hit = retrieve(pool, query)
-    flat = pool.params[hit["index"]]
-    rows = head_rows(layout, flat)[hit["rows"]]
-    return with_rows(layout, flat[: layout.body_size], rows), hit
+class HeadComposition:
+    """Head composition over the whole training zoo, streamed: the head row of class c is the mean of c's
+    rows over the zoo models that contain c (the mean of all rows for a class no model contains), put on
+    either the zoo's mean body or the generic model's body. Holds running sums only."""
 
+    def __init__(self, layout):
+        self.layout = layout
+        self.body_sum = torch.zeros(layout.body_size, dtype=torch.float64)
+        self.row_sum: dict[int, torch.Tensor] = {}
+        self.row_count: dict[int, int] = {}
+        self.models = 0
 
-def mean_flat(layout, pool: ZooPool, class_ids: list[int]) -> torch.Tensor:
-    """Mean body of the pool; per class the mean of its head rows over the pool models that contain it
-    (the mean of all head rows for a class no pool model contains)."""
-    if not len(pool):
-        raise TinaError("the mean baseline needs a zoo with training models")
-    body = torch.stack([p[: layout.body_size] for p in pool.params]).mean(0)
-    sums: dict[int, torch.Tensor] = {}
-    counts: dict[int, int] = {}
-    for ids, p in zip(pool.class_ids, pool.params):
-        for c, row in zip(ids, head_rows(layout, p)):
-            sums[c] = sums.get(c, 0) + row
-            counts[c] = counts.get(c, 0) + 1
-    all_rows = torch.cat([head_rows(layout, p) for p in pool.params]).mean(0)
-    rows = torch.stack([sums[c] / counts[c] if c in sums else all_rows for c in class_ids])
-    return with_rows(layout, body, rows)
+    def add(self, models: list[dict]) -> None:
+        for m in models:
+            p = m["params"].double()
+            self.body_sum += p[: self.layout.body_size]
+            for c, row in zip(m["class_ids"], head_rows(self.layout, p)):
+                c = int(c)
+                self.row_sum[c] = self.row_sum.get(c, 0) + row
+                self.row_count[c] = self.row_count.get(c, 0) + 1
+            self.models += 1
 
+    @property
+    def mean_body(self) -> torch.Tensor:
+        if not self.models:
+            raise TinaError("the head-composition baselines need a zoo with training models")
+        return (self.body_sum / self.models).float()
 
+    def rows(self, class_ids: list[int]) -> torch.Tensor:
+        """(k, D+1) composed head rows in task order."""
+        if not self.models:
+            raise TinaError("the head-composition baselines need a zoo with training models")
+        every = sum(self.row_sum.values()) / sum(self.row_count.values())
+        return torch.stack([self.row_sum[c] / self.row_count[c] if c in self.row_sum else every for c in class_ids]).float()
+
+    def flat(self, class_ids: list[int], body: torch.Tensor | None = None) -> torch.Tensor:
+        """Composed rows on `body` (default: the zoo's mean body)."""
+        return with_rows(self.layout, self.mean_body if body is None else body, self.rows(list(class_ids)))

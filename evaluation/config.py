@@ -12,7 +12,15 @@ SPLIT_TITLES = {"train": "seen combos", "val": "val combos", "unseen_combo": "un
 FORMS = ("names", "template", "description", "heldout_template", "paraphrase", "shuffled", "random_text",
          "unrelated_words", "mismatched")
 HURTING_FORMS = ("random_text", "unrelated_words", "mismatched")  # the proof that text steers the weights
-BASELINES = ("oracle", "selection", "retrieval", "mean")
+# oracle: the zoo's fine-tuned model; selection: the generic model's rows; retrieval: the nearest training
+# model by text (whole zoo); compose_zoo_body / compose_generic_body: each class's head row averaged over the
+# training models that contain it, on the zoo's mean body / the generic body; hypernet: a deterministic
+# text -> weights network (evaluation/hypernet.py); zeroshot: images -> text space -> nearest class name
+# (checkpoints with an image projector). See evaluation/baselines.py.
+BASELINES = ("oracle", "selection", "retrieval", "compose_zoo_body", "compose_generic_body", "hypernet", "zeroshot")
+# Headline differences with paired bootstrap intervals: (a, b) means a - b; "generated" is the names prompt.
+DIFFERENCES = (("generated", "retrieval"), ("generated", "selection"), ("generated", "hypernet"),
+               ("generated", "compose_zoo_body"), ("generated", "compose_generic_body"), ("oracle", "generated"))
 STEP_GRID = (0, 1, 2, 3, 5, 7, 10, 15, 20, 30, 40, 50, 70, 100, 150, 200, 300, 400, 500, 700, 1000, 1500, 2000, 3000)
 
 
@@ -31,6 +39,41 @@ class FinetuneBudgetConfig:
     def __post_init__(self):
         if self.tasks < 0 or self.max_steps < 0:
             raise ValueError("finetune.tasks and finetune.max_steps must be >= 0")
+
+
+@dataclass
+class HypernetConfig:
+    """The text -> weights hypernetwork baseline (Text-to-LoRA style): same zoo, same budget as the generator."""
+
+    steps: int = 0  # training steps; 0: the generator's own (its bundle's training.steps)
+    batch_size: int = 0  # models per step; 0: the generator's own (its config's trainer.batch_size)
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    width: int = 512
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.steps < 0 or self.batch_size < 0 or self.width < 1:
+            raise ValueError("hypernet.steps and hypernet.batch_size must be >= 0, hypernet.width >= 1")
+
+
+@dataclass
+class NoveltyConfig:
+    """Memorization: each generated model's nearest training model in weight space (head rows aligned)."""
+
+    tasks: int = 50  # tasks per split measured (0 = skip)
+    pairs: int = 30  # reference pairs of training runs of the same class set
+    copy_factor: float = 0.5  # a copy / an average is closer than copy_factor x the same-set run distance
+
+
+@dataclass
+class DiversityConfig:
+    """Multi-step sampling: single samples, their disagreement, and ensembles vs the one-step mean model."""
+
+    tasks: int = 20  # tasks of `split` (0 = skip)
+    split: str = "unseen_combo"  # falls back to the first evaluated split
+    samples: int = 5  # samples (seeds) per task and step count
+    steps: list[int] = field(default_factory=lambda: [5, 25, 50])  # DDIM steps compared with 1 (the mean)
 
 
 @dataclass
@@ -70,7 +113,11 @@ class EvalConfig:
     batch_size: int = 256  # tasks per generate_tasks call
     eval_batch: int = 4096  # images per forward pass when scoring
     plots: bool = True
+    bootstrap: int = 2000  # paired bootstrap resamples of the tasks for the 95% intervals
     finetune: FinetuneBudgetConfig = field(default_factory=FinetuneBudgetConfig)
+    hypernet: HypernetConfig = field(default_factory=HypernetConfig)
+    novelty: NoveltyConfig = field(default_factory=NoveltyConfig)
+    diversity: DiversityConfig = field(default_factory=DiversityConfig)
     expect: ExpectConfig = field(default_factory=ExpectConfig)
 
     def __post_init__(self):

@@ -102,3 +102,21 @@ def image_prompt_ok(tina, notes: list[str]) -> bool:
     return False
 
 
+
+
+def scan_zoo(zoo: str | Path, split: str, consumers: list, chunk: int = 256) -> int:
+    """Stream one split of the zoo once through every consumer (each has .add(models)), `chunk` models at a
+    time, so no more than a chunk is in memory; returns how many models were streamed."""
+    from tina.data import iter_split
+
+    n, buf = 0, []
+    for m in iter_split(zoo, split):
+        buf.append(m)
+        if len(buf) == chunk:
+            for c in consumers:
+                c.add(buf)
+            n, buf = n + len(buf), []
+    if buf:
+        for c in consumers:
+            c.add(buf)
+    return n + len(buf)

@@ -38,7 +38,9 @@ def results_markdown(r: dict) -> str:
         lines.append(f"| {SPLIT_TITLES.get(s, s)} | {h['generated']:.3f} | {h.get('oracle', float('nan')):.3f} | "
                      f"{h.get('selection', float('nan')):.3f} | {h.get('ratio_to_oracle', float('nan')):.3f} | "
                      f"{h.get('gain_captured', float('nan')):.3f} |")
-    lines += ["", "gain captured = (generated − selection) / (oracle − selection).", "", "## Does the text steer the weights?", "",
+    lines += ["", "gain captured = (generated − selection) / (oracle − selection).", ""]
+    lines += _differences(r) + _novelty(r) + _diversity(r) + _hypernet_and_sizes(r)
+    lines += ["## Does the text steer the weights?", "",
               "| split | check | difference | s.e. | as expected |", "|---|---|---|---|---|"]
     for s in splits:
         for name, c in r["splits"][s]["headline"]["checks"].items():
@@ -66,6 +68,78 @@ def results_markdown(r: dict) -> str:
     lines += [f"{t['generated_models']} models generated in {t['generation_seconds']} s ({t['models_per_second']} models/s); "
               f"whole evaluation {t['seconds']} s.", ""]
     return "\n".join(lines)
+
+
+def _num(v, fmt: str = ".3f") -> str:
+    return "–" if v is None else format(v, fmt)
+
+
+def _differences(r: dict) -> list[str]:
+    lines = ["## Differences with paired bootstrap 95% intervals", "",
+             "Per task, both methods on the same test images; tasks resampled with replacement "
+             f"({r['config'].get('bootstrap', 2000)} resamples). generated = names prompt, mean over seeds.", "",
+             "| split | difference | mean | 95% interval | excludes 0 |", "|---|---|---|---|---|"]
+    for s, v in r["splits"].items():
+        for name, d in v["headline"].get("differences", {}).items():
+            lines.append(f"| {SPLIT_TITLES.get(s, s)} | {name} | {d['diff']:+.4f} | [{d['lo']:+.4f}, {d['hi']:+.4f}] | "
+                         f"{'yes' if d['excludes_zero'] else 'no'} |")
+    return lines + [""]
+
+
+def _novelty(r: dict) -> list[str]:
+    nv = r.get("novelty")
+    if not nv:
+        return []
+    lines = ["## Memorization: copies, averages or new models?", "",
+             "Distance: RMS weight difference in the layout's normalised units, head rows aligned to the task's classes "
+             "(a training model qualifies when it holds every task class). Agreement: share of test images with the same "
+             "prediction. Medians. Reference: two training runs of the same class set.", "",
+             "| split | models | generated → nearest training model: distance / agreement | to the composition average | "
+             "oracle → nearest other: distance / agreement | same-set runs: distance / agreement | copy / average / new |",
+             "|---|---|---|---|---|---|---|"]
+    for s, v in nv["splits"].items():
+        c = v["counts"]
+        lines.append(f"| {SPLIT_TITLES.get(s, s)} | {v['models']} | {_num(v['generated_nearest_distance'])} / "
+                     f"{_num(v['generated_nearest_agreement'])} | {_num(v['generated_average_distance'])} | "
+                     f"{_num(v['oracle_nearest_distance'])} / {_num(v['oracle_nearest_agreement'])} | "
+                     f"{_num(v['same_set_distance'])} / {_num(v['same_set_agreement'])} (n={v['same_set_pairs']}) | "
+                     f"{c.get('copy', 0)} / {c.get('average', 0)} / {c.get('new', 0)}"
+                     + (f" ({c['unknown']} unknown)" if c.get("unknown") else "") + " |")
+    f = next(iter(nv["splits"].values()))["copy_factor"] if nv["splits"] else 0.5
+    return lines + ["", f"copy: nearer a training model than {f} x the same-set distance; average: that near the head-composition "
+                    "average instead; new: neither.", ""]
+
+
+def _diversity(r: dict) -> list[str]:
+    dv = r.get("diversity")
+    if not dv:
+        return []
+    zoo = dv.get("zoo_same_set_disagreement")
+    lines = ["## Diversity and multi-step sampling", "",
+             f"{dv['tasks']} {SPLIT_TITLES.get(dv['split'], dv['split'])} tasks, {dv['samples']} samples each ({dv['sampler']}, "
+             f"guidance {dv['guidance']}). Mean model (1 step): **{dv['mean_model']['acc']:.4f}**. "
+             f"Disagreement between two training runs of the same class set: {_num(zoo, '.4f')}.", "",
+             "| steps | single sample | − mean model | pairwise disagreement | ensemble of samples | − mean model |",
+             "|---|---|---|---|---|---|"]
+    for st, v in dv["by_steps"].items():
+        lines.append(f"| {st} | {v['single_acc']:.4f} ± {v['single_acc_std_samples']:.4f} | {v['single_minus_mean_model']:+.4f} | "
+                     f"{v['disagreement']:.4f} | {v['ensemble_acc']:.4f} | {v['ensemble_minus_mean_model']:+.4f} |")
+    return lines + [""]
+
+
+def _hypernet_and_sizes(r: dict) -> list[str]:
+    lines = []
+    h = r.get("hypernet")
+    if h:
+        lines += ["## Hypernetwork baseline", "",
+                  f"Deterministic text → residual weights network (evaluation/hypernet.py), {h['parameters']:,} parameters, "
+                  f"trained {h['steps']} steps x {h['batch_size']} models ({h['source']}'s budget) on the same zoo with the "
+                  f"generator's augmentations, final loss {h['final_loss']:.4f}, {h['seconds']} s; one forward pass per model.", ""]
+    if r.get("sizes"):
+        lines += ["## Zero-shot classifier vs generated model: parameters", "", "| k | generated model | projector + k class embeddings |",
+                  "|---|---|---|"]
+        lines += [f"| {z['k']} | {z['generated_model']:,} | {z.get('zeroshot', 0):,} |" for z in r["sizes"]] + [""]
+    return lines
 
 
 def write_plots(r: dict, out: Path) -> list[str]:

@@ -10,55 +10,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from evaluation.baselines import ZooPool, head_rows, mean_flat, retrieval_flat, selection_flat, with_rows
+from evaluation import novelty
+from evaluation.baselines import HeadComposition, TextRetrieval, head_rows, selection_flat, with_rows
 from evaluation.config import RESULTS_FORMAT, EvalConfig
 from evaluation.finetune import finetune_budget
-from evaluation.inputs import encoder_or_none, image_prompt_ok, resolve_inputs
+from evaluation.generation import generate_flats, sample_images
+from evaluation.inputs import encoder_or_none, image_prompt_ok, resolve_inputs, scan_zoo
 from evaluation.prompts import Conditions, unit
 from evaluation.report import results_markdown, write_plots
-from evaluation.scoring import flat_accuracies
+from evaluation.scoring import accuracies, disagreement, flat_probs
 from evaluation.statistics import split_summary
 from tina.errors import TinaError
 
 log = logging.getLogger(__name__)
-
-
-def _sample_images(dataset, class_ids: list[int], n: int, rng: np.random.Generator) -> list[torch.Tensor]:
-    y = np.asarray(dataset.train_y)
-    out = []
-    for c in class_ids:
-        idx = np.flatnonzero(y == c)
-        x, _ = dataset.tensors("train", np.sort(rng.choice(idx, min(n, len(idx)), replace=False)))
-        out.append(x)
-    return out
-
-
-def _generate(tina, items: list[tuple], seed: int, cfg: EvalConfig, bar) -> dict:
-    """items: (item_id, Task). All of them in batched generate_tasks calls (grouped by k); item_id → flat."""
-    items = sorted(items, key=lambda it: len(it[1].classes))
-    out = {}
-
-    def run(chunk):
-        try:
-            nets = tina.generate_tasks([t for _, t in chunk], seed=seed, steps=cfg.steps, guidance=cfg.guidance,
-                                       sampler=cfg.sampler)
-        except TinaError:  # non-finite weights somewhere: narrow down, the bad task scores chance
-            if len(chunk) == 1:
-                out[chunk[0][0]] = torch.full((tina.bundle.layout.num_params(len(chunk[0][1].classes)),), float("nan"))
-                return
-            half = len(chunk) // 2
-            run(chunk[:half])
-            run(chunk[half:])
-            return
-        for (key, _), net in zip(chunk, nets):
-            out[key] = tina.bundle.layout.flatten(net.state_dict())
-
-    for lo in range(0, len(items), cfg.batch_size):
-        chunk = items[lo : lo + cfg.batch_size]
-        run(chunk)
-        bar.update(len(chunk))
-    return out
-
 
 
 def evaluate(cfg: EvalConfig) -> dict:
@@ -68,7 +32,7 @@ def evaluate(cfg: EvalConfig) -> dict:
 
     from tina.accuracy import task_test_set
     from tina.config import save_config, to_dict
-    from tina.data import load_split
+    from tina.data import load_split, read_manifest
     from tina.sample import Task
 
     t_start = time.perf_counter()
@@ -82,12 +46,10 @@ def evaluate(cfg: EvalConfig) -> dict:
     notes: list[str] = []
 
     # -- the tasks ------------------------------------------------------------------------------
-    train_models = load_split(zoo, "train")
-    pool = ZooPool.from_models(train_models)
     limit = cfg.tasks or None
     splits: dict[str, list[dict]] = {}
     for s in cfg.splits:
-        models = train_models[:limit] if s == "train" else load_split(zoo, s, limit=limit)
+        models = load_split(zoo, s, limit=limit)  # only the evaluated tasks are held; baselines stream the zoo
         if models:
             splits[s] = models
         else:
@@ -144,10 +106,10 @@ def evaluate(cfg: EvalConfig) -> dict:
                 for s, models in splits.items():
                     for i, m in enumerate(models):
                         for f, n in zip(image_forms, cfg.image_shots):
-                            imgs = _sample_images(dataset, m["class_ids"], n, rng)
+                            imgs = sample_images(dataset, m["class_ids"], n, rng)
                             task = tina.make_task(classes=list(m["classes"]), images=dict(zip(m["classes"], imgs)))
                             items.append((((s, f, i), seed), task))
-            for ((s, f, i), sd), flat in _generate(tina, items, seed, cfg, bar).items():
+            for ((s, f, i), sd), flat in generate_flats(tina, items, seed, cfg.batch_size, bar, steps=cfg.steps, guidance=cfg.guidance, sampler=cfg.sampler).items():
                 perm = perms.get((s, f, i))
                 if perm:  # generated row j belongs to class perm[j]: put it back in the task's order
                     rows = head_rows(layout, flat)
@@ -157,52 +119,125 @@ def evaluate(cfg: EvalConfig) -> dict:
                 flats[(s, f, i, sd)] = flat
     gen_seconds = time.perf_counter() - t_gen
 
-    # -- baselines and scoring, one task at a time ----------------------------------------------------
-    generic = load_file(zoo / "generic.safetensors") if "selection" in cfg.baselines or cfg.finetune.tasks else None
+    # -- baselines that need the training zoo: one streamed pass over all of it ---------------------------
+    baselines = [b for b in cfg.baselines if b != "zeroshot" or bundle.projector]
+    if "zeroshot" in cfg.baselines and not bundle.projector:
+        notes.append("zeroshot skipped: the checkpoint has no image projector")
+    generic = load_file(zoo / "generic.safetensors") if {"selection", "compose_generic_body"} & set(baselines) or cfg.finetune.tasks else None
+    order = [(s, i) for s, models in splits.items() for i in range(len(models))]
+    retrieval = TextRetrieval([unit(splits[s][i]["emb"][:, 0]) for s, i in order]) if "retrieval" in baselines else None
+    compose = HeadComposition(layout)
+    probe = [(s, i) for s, models in splits.items() for i in range(min(len(models), cfg.novelty.tasks))]
+    nearest = novelty.NearestZoo(layout, [(splits[s][i]["class_ids"], torch.stack([flats[(s, "names", i, sd)] for sd in seeds]), None)
+                                          for s, i in probe] +
+                                 [(splits[s][i]["class_ids"], splits[s][i]["params"][None], splits[s][i]["key"]) for s, i in probe])
+    same_set = novelty.SameSetRuns(layout, cfg.novelty.pairs) if probe else None
+    t_scan = time.perf_counter()
+    scanned = scan_zoo(zoo, "train", [c for c in (retrieval, compose, nearest, same_set) if c is not None])
+    notes.append(f"retrieval, head composition and nearest-model search streamed all {scanned} training models "
+                 f"(manifest: {read_manifest(zoo)['counts'].get('train')}) in {time.perf_counter() - t_scan:.0f} s")
+    generic_body = selection_flat(layout, generic, [0])[: layout.body_size] if generic is not None else None
+    hyper_flats, hyper_record = {}, None
+    if "hypernet" in baselines:
+        from evaluation.hypernet import hypernet_flat, train_hypernet
+
+        hyper, hyper_record = train_hypernet(bundle, zoo, cfg.hypernet, cfg.device)
+        hyper_flats = {(s, i): hypernet_flat(hyper, bundle, tasks_by_form[(s, "names", i)].cond) for s, i in order}
+    zeroshot = None
+    if "zeroshot" in baselines:
+        from evaluation.zeroshot import ZeroShot
+
+        zeroshot = ZeroShot(bundle)
+
+    def baseline_flat(b: str, s: str, i: int, m: dict) -> torch.Tensor:
+        if b == "oracle":
+            return m["params"]
+        if b == "selection":
+            return selection_flat(layout, generic, m["class_ids"])
+        if b == "retrieval":
+            return retrieval.flat(layout, order.index((s, i)))
+        if b == "compose_zoo_body":
+            return compose.flat(m["class_ids"])
+        if b == "compose_generic_body":
+            return compose.flat(m["class_ids"], generic_body)
+        return hyper_flats[(s, i)]  # hypernet
+
+    # -- scoring, one task at a time ----------------------------------------------------------------------
     per_class = cfg.images_per_class or None
     results: dict = {"format": RESULTS_FORMAT, "checkpoint": str(bundle.path), "zoo": str(zoo),
                      "dataset": dataset.name, "target": bundle.target, "text_encoder": bundle.text_encoder,
                      "generator": bundle.meta.get("training", {}), "seeds": seeds, "forms": all_forms,
-                     "baselines": list(cfg.baselines), "config": to_dict(cfg), "splits": {}}
-    n_models = 0
-    with tqdm(total=sum(len(v) for v in splits.values()), desc="score", unit="task", disable=None) as bar:
+                     "baselines": baselines, "config": to_dict(cfg), "splits": {}, "zoo_models_searched": scanned}
+    if hyper_record is not None:
+        results["hypernet"] = hyper_record
+    n_models, novelty_records = 0, {s: [] for s in splits}
+    with tqdm(total=len(order), desc="score", unit="task", disable=None) as bar:
         for s, models in splits.items():
             per_task = []
             for i, m in enumerate(models):
                 k = len(m["classes"])
                 x, y = task_test_set(dataset, m["class_ids"], per_class)
-                rows, names = [], []
-                for f in all_forms:
-                    for sd in seeds:
-                        rows.append(flats[(s, f, i, sd)])
-                        names.append((f, sd))
-                hit = None
-                for b in cfg.baselines:
-                    if b == "oracle":
-                        rows.append(m["params"])
-                    elif b == "selection":
-                        rows.append(selection_flat(layout, generic, m["class_ids"]))
-                    elif b == "retrieval":
-                        flat, hit = retrieval_flat(layout, pool, unit(m["emb"][:, 0]))
-                        rows.append(flat)
-                    elif b == "mean":
-                        rows.append(mean_flat(layout, pool, m["class_ids"]))
-                    names.append((b, None))
-                acc = flat_accuracies(bundle, torch.stack(rows), k, x, y, cfg.eval_batch, cfg.device).tolist()
-                n_models += len(rows)
+                named = [((f, sd), flats[(s, f, i, sd)]) for f in all_forms for sd in seeds]
+                named += [((b, None), baseline_flat(b, s, i, m)) for b in baselines if b != "zeroshot"]
+                probs = flat_probs(bundle, torch.stack([f for _, f in named]), k, x, cfg.eval_batch, cfg.device)  # (M, n, k)
+                acc = accuracies(probs, y).tolist()
+                n_models += len(named)
                 rec = {"key": m["key"], "classes": list(m["classes"]), "class_ids": list(m["class_ids"]), "k": k,
                        "test_images": int(len(y)), "zoo_oracle": m["metrics"].get("oracle_acc"),
                        "zoo_selection": m["metrics"].get("selection_acc"), "generated": {f: [] for f in all_forms}}
-                for (name, sd), a in zip(names, acc):
+                for ((name, sd), _), a in zip(named, acc):
                     if sd is None:
                         rec[name] = a
                     else:
                         rec["generated"][name].append(a)
-                if hit is not None:
-                    rec["retrieved"] = {"key": hit["key"], "score": hit["score"], "rows": hit["rows"]}
+                if zeroshot is not None:
+                    rec["zeroshot"] = zeroshot.accuracy(m["emb"][:, 0], x, y)
+                if retrieval is not None:
+                    rec["retrieved"] = retrieval.hit(order.index((s, i)))
+                if (s, i) in probe:
+                    keys = [n for n, _ in named]
+                    novelty_records[s] += _novelty_records(
+                        bundle, nearest, probe.index((s, i)), len(probe), m, [flats[(s, "names", i, sd)] for sd in seeds],
+                        [probs[keys.index(("names", sd))] for sd in seeds],
+                        probs[keys.index(("oracle", None))] if ("oracle", None) in keys else None,
+                        compose.flat(m["class_ids"]), x, cfg)
                 per_task.append(rec)
                 bar.update(1)
-            results["splits"][s] = split_summary(per_task, all_forms, cfg.baselines)
+            results["splits"][s] = split_summary(per_task, all_forms, baselines, cfg.bootstrap)
+
+    # -- memorization: nearest zoo models against the zoo's own same-set runs -------------------------------
+    if probe:
+        for p in same_set.pairs:
+            x, _ = task_test_set(dataset, p["class_ids"], per_class)
+            pp = flat_probs(bundle, p["flats"], len(p["class_ids"]), x, cfg.eval_batch, cfg.device)
+            p["agreement"] = 1.0 - disagreement(pp[0], pp[1])
+        pairs = [{n: p[n] for n in ("class_ids", "keys", "distance", "agreement")} for p in same_set.pairs]
+        results["novelty"] = {"splits": {s: novelty.summarize(r, pairs, cfg.novelty.copy_factor) for s, r in novelty_records.items() if r},
+                              "same_set_pairs": pairs, "per_model": novelty_records}
+        if not pairs:
+            notes.append("novelty: no two training runs of the same class set were streamed; the reference distance is the "
+                         "task oracle's to its nearest other training model")
+
+    # -- diversity and multi-step sampling ----------------------------------------------------------------
+    if cfg.diversity.tasks and cfg.diversity.steps:
+        from evaluation.diversity import measure
+
+        ds = cfg.diversity.split if cfg.diversity.split in splits else next(iter(splits))
+        chosen = splits[ds][: cfg.diversity.tasks]
+        results["diversity"] = {"split": ds, **measure(
+            tina, [tasks_by_form[(ds, "names", i)] for i in range(len(chosen))],
+            [task_test_set(dataset, m["class_ids"], per_class) for m in chosen], cfg.diversity, cfg.seed, cfg.batch_size,
+            cfg.eval_batch, cfg.device)}
+        if results.get("novelty"):
+            results["diversity"]["zoo_same_set_disagreement"] = (
+                1.0 - results["novelty"]["splits"].get(ds, next(iter(results["novelty"]["splits"].values())))["same_set_agreement"]
+                if any(p.get("agreement") is not None for p in results["novelty"]["same_set_pairs"]) else None)
+
+    if zeroshot is not None:
+        from evaluation.zeroshot import sizes
+
+        ks = sorted({len(m["classes"]) for v in splits.values() for m in v})
+        results["sizes"] = [sizes(bundle, zeroshot, k) for k in ks]
 
     # -- fine-tuning budget --------------------------------------------------------------------------
     if cfg.finetune.tasks and generic is not None:
@@ -228,3 +263,29 @@ def evaluate(cfg: EvalConfig) -> dict:
     return results
 
 
+
+
+def _novelty_records(bundle, nearest, q: int, n_probe: int, m: dict, gen_flats: list, gen_probs: list, oracle_probs,
+                     average: torch.Tensor, x: torch.Tensor, cfg) -> list[dict]:
+    """Per generated model (names prompt, one per seed) of one task: its nearest training model, their distance
+    and agreement on the test images, its distance to the head-composition average; and the same for the
+    task's oracle against its nearest *other* training model (the control)."""
+    layout, k = bundle.layout, len(m["classes"])
+    g, o = nearest.best[q], nearest.best[n_probe + q]
+    found = [j for j, f in enumerate(g["flat"]) if f is not None]
+    ref = [o["flat"][0]] if o["flat"][0] is not None else []
+    near = torch.stack([g["flat"][j] for j in found] + ref) if found or ref else None
+    near_probs = flat_probs(bundle, near, k, x, cfg.eval_batch, cfg.device) if near is not None else None
+    out = []
+    for j, flat in enumerate(gen_flats):
+        d = float(g["distance"][j])
+        rec = {"key": m["key"], "seed": j, "nearest": g["key"][j], "distance": d if np.isfinite(d) else None,
+               "distance_average": float(novelty.normalized_distance(layout, flat, average, k))}
+        if j in found:
+            rec["agreement"] = 1.0 - disagreement(gen_probs[j], near_probs[found.index(j)])
+        if ref:
+            rec["oracle_nearest"], rec["oracle_distance"] = o["key"][0], float(o["distance"][0])
+            if oracle_probs is not None:
+                rec["oracle_agreement"] = 1.0 - disagreement(oracle_probs, near_probs[-1])
+        out.append(rec)
+    return out

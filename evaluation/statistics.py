@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from evaluation.config import HURTING_FORMS
+from evaluation.config import DIFFERENCES, HURTING_FORMS
 
 
 def summary(values: np.ndarray) -> dict:
@@ -26,8 +26,41 @@ def paired(a: np.ndarray, b: np.ndarray) -> dict:
     return {"diff": float(d.mean()), "se": se}
 
 
+def paired_bootstrap(a, b, resamples: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
+    """Mean of a - b over tasks with a percentile bootstrap interval (level, default 95%).
 
-def split_summary(per_task: list[dict], forms: list[str], baselines: list[str]) -> dict:
+    a, b (n,): two methods' accuracies on the same n tasks, each task scored on the same images by both.
+    Tasks are resampled with replacement and a resample keeps both methods' numbers of a task together
+    (paired), so the variation the two share (an easy task, a hard image set) cancels in the difference.
+    """
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    if len(d) == 0:
+        return {"diff": float("nan"), "lo": float("nan"), "hi": float("nan"), "n": 0, "excludes_zero": False}
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, len(d), (resamples, len(d)))].mean(1)  # (resamples,)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return {"diff": float(d.mean()), "lo": float(lo), "hi": float(hi), "n": int(len(d)),
+            "excludes_zero": bool(lo > 0 or hi < 0)}
+
+
+def differences(per_task: list[dict], resamples: int, seed: int = 0) -> dict:
+    """The headline differences (config.DIFFERENCES) present in these task records, each with its interval."""
+    def values(name):
+        if name == "generated":
+            return [float(np.mean(t["generated"]["names"])) for t in per_task]
+        if all(t.get(name) is not None for t in per_task):
+            return [t[name] for t in per_task]
+        return None
+
+    out = {}
+    for a, b in DIFFERENCES:
+        va, vb = values(a), values(b)
+        if va is not None and vb is not None:
+            out[f"{a} - {b}"] = paired_bootstrap(va, vb, resamples, seed)
+    return out
+
+
+def split_summary(per_task: list[dict], forms: list[str], baselines: list[str], resamples: int = 2000) -> dict:
     """Means ± stds per form and baseline, the checks, the headline and accuracy by k for one split."""
     gen = {f: np.array([t["generated"][f] for t in per_task]) for f in forms}  # (tasks, seeds)
     base = {b: np.array([[t[b]] for t in per_task]) for b in baselines}
@@ -60,6 +93,7 @@ def split_summary(per_task: list[dict], forms: list[str], baselines: list[str]) 
             p["ok"] = bool(p["diff"] > 2 * p["se"]) if not math.isnan(p["se"]) else bool(p["diff"] > 0)
             checks[f"names_minus_{f}"] = p
     head["checks"] = checks
+    head["differences"] = differences(per_task, resamples)
     out["headline"] = head
     by_k: dict = {}
     for k in sorted({t["k"] for t in per_task}):
