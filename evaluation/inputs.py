@@ -51,10 +51,11 @@ def resolve_inputs(cfg: EvalConfig):
     dataset = _check_setting(cfg) if any(getattr(cfg.expect, n) not in (None, 0) for n in checked) else None
     zoo = Path(cfg.zoo)
     if not (zoo / "manifest.json").is_file():
-        raise TinaError(
-            f"zoo {str(zoo)!r} not found (no manifest.json): build the zoo the generator was trained on with "
-            f"`tina zoo build configs/zoo/<name>.yaml out={zoo}`, or pass --zoo"
-        )
+        # The baselines (retrieval, head composition, the hypernetwork, memorization) and the tasks' test sets
+        # all come from the zoo, which is built, not shipped: say exactly what to build.
+        build = f"tina zoo build {cfg.expect.zoo_config or 'configs/zoo/<name>.yaml'} out={zoo}"
+        raise TinaError(f"no zoo at {str(zoo)!r} (the evaluation's tasks and baselines come from it): build it first with "
+                        f"`{build}`, or pass --zoo ZOO")
     man = read_manifest(zoo)
     ex = cfg.expect
     for what, want, have in (("dataset", ex.dataset, man["dataset"]["name"]), ("target", ex.target, man["target"]),

@@ -290,3 +290,13 @@ def test_benchmark_help(module, capsys):
     with pytest.raises(SystemExit) as e:
         importlib.import_module(module).main(["--help"])
     assert e.value.code == 0 and "--quick" in capsys.readouterr().out
+
+
+def test_fresh_clone_eval_names_the_zoo_to_build(tmp_path, monkeypatch, capsys):
+    """`make eval` on a fresh clone: one line on stderr, exit 2, naming the exact zoo command."""
+    from tina.cli import main as cli_main
+
+    monkeypatch.chdir(tmp_path)  # no zoos/ here
+    assert cli_main(["eval", str(CONFIGS / "fashion_mnist.yaml"), "--checkpoint", "default"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "`tina zoo build configs/zoo/fashion_mnist.yaml out=zoos/fashion_mnist`" in err
