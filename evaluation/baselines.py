@@ -19,9 +19,11 @@ def with_rows(layout, body: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return torch.cat([body.reshape(-1), rows.reshape(-1)]).float()
 
 
-def selection_flat(layout, generic: dict[str, torch.Tensor], class_ids: list[int]) -> torch.Tensor:
-    """Classifier selection: the generic model's body and the head rows of the task's classes, in task order."""
-    ids = torch.as_tensor(list(class_ids), dtype=torch.long)
+def selection_flat(layout, generic: dict[str, torch.Tensor], class_ids: list[int], proxy: dict[int, int] | None = None) -> torch.Tensor:
+    """Classifier selection: the generic model's body and the head rows of the task's classes, in task order.
+    `proxy` (zoo_builder.build.nearest_known): a strictly held-out class borrows its nearest known class's
+    row, as the zoo's fine-tuning started from it (its untrained own row would be noise)."""
+    ids = torch.as_tensor([(proxy or {}).get(int(c), int(c)) for c in class_ids], dtype=torch.long)
     state = dict(generic)
     state["head.weight"], state["head.bias"] = generic["head.weight"][ids], generic["head.bias"][ids]
     return layout.flatten(state)

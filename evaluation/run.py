@@ -21,6 +21,7 @@ from evaluation.report import results_markdown, write_plots
 from evaluation.scoring import accuracies, disagreement, flat_probs
 from evaluation.statistics import split_summary
 from tina.errors import TinaError
+from zoo_builder.tasks import nearest_known
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     notes.append(f"retrieval, head composition and nearest-model search streamed all {scanned} training models "
                  f"(manifest: {read_manifest(zoo)['counts'].get('train')}) in {time.perf_counter() - t_scan:.0f} s")
     generic_body = selection_flat(layout, generic, [0])[: layout.body_size] if generic is not None else None
+    held = read_manifest(zoo).get("held_out_classes", [])
+    proxy = nearest_known(load_file(zoo / "vocab.safetensors")["names"], held) if held else {}
     hyper_flats, hyper_record = {}, None
     if "hypernet" in baselines:
         from evaluation.hypernet import hypernet_flat, train_hypernet
@@ -153,7 +156,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         if b == "oracle":
             return m["params"]
         if b == "selection":
-            return selection_flat(layout, generic, m["class_ids"])
+            return selection_flat(layout, generic, m["class_ids"], proxy)
         if b == "retrieval":
             return retrieval.flat(layout, order.index((s, i)))
         if b == "compose_zoo_body":

@@ -43,7 +43,7 @@ def test_no_train_val_or_combo_task_contains_a_held_out_class(tiny_zoo):
 
 
 def test_held_out_classes_start_from_the_nearest_known_class_row():
-    from zoo_builder.build import nearest_known
+    from zoo_builder.tasks import nearest_known
     from zoo_builder.fit import selection_state_dicts
 
     names = torch.nn.functional.normalize(torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0.9, 0.1, 0], [0, 0.2, 1.0]]), dim=-1)
@@ -77,7 +77,7 @@ def test_anchor_and_bundle_vocabulary_leave_held_out_classes_out(tiny_zoo, tiny_
 
 
 def test_unseen_class_evaluation_reports_every_baseline(tiny_zoo, tiny_run):
-    from tina.eval_unseen import evaluate_unseen, markdown
+    from evaluation.unseen_classes import evaluate_unseen, markdown
 
     r = evaluate_unseen(tiny_zoo, str(tiny_run / "bundle"), tasks=3, shots=())
     assert r["tasks"] == 3 and set(r["held_out_classes"]) and r["summary"]["chance"]["all"] > 0

@@ -32,7 +32,7 @@ from zoo_builder.shards import (
     MANIFEST, PLAN, VOCAB, build_manifest, encode_sample, load_vocab, plan_shards, read_json, remove_stale_tmp,
     write_json, write_shard, write_vocab,
 )  # fmt: skip
-from zoo_builder.tasks import TaskPlan, sample_tasks, task_number
+from zoo_builder.tasks import TaskPlan, nearest_known, sample_tasks, task_number
 
 log = logging.getLogger(__name__)
 WAIT_SECONDS = 6 * 3600  # how long a rank > 0 waits for rank 0 to prepare
@@ -148,18 +148,6 @@ def build_shards(ctx: ShardContext, shards: list, pool: ThreadPoolExecutor, bar)
                                                   [prompts[c] for c in ids], metrics)  # fmt: skip
     for sh in shards:
         write_shard(ctx.zoo / sh.name, [(t.task_id, samples[t.task_id]) for t in sh.tasks])
-
-
-def nearest_known(names: torch.Tensor, held_out: list[int]) -> dict[int, int]:
-    """Each held-out class -> the known class whose plain-name embedding is closest (cosine): the
-    "nearest known class" selection every held-out class starts from, and the baseline it is measured
-    against. names: (num_classes, E) unit embeddings."""
-    if not held_out:
-        return {}
-    held = set(int(c) for c in held_out)
-    known = torch.tensor([c for c in range(names.shape[0]) if c not in held])
-    sims = names.float()[sorted(held)] @ names.float()[known].T  # (H, n_known)
-    return {h: int(known[j]) for h, j in zip(sorted(held), sims.argmax(1).tolist())}
 
 
 def shard_batches(todo: list, group_size: int) -> list[list]:

@@ -12,7 +12,7 @@ images alone: chance (1/k), nearest-known-class selection, the oracle, and the g
 names, by stored descriptions, and by 1 or 5 training images per held-out class (image prompts, when
 the checkpoint has a projector). "Halfway" = (generated - chance) / (oracle - chance) on held-out images.
 
-    python -m tina.eval_unseen --zoo zoos/clipart --checkpoint runs/clipart/bundle --out docs/results/unseen_classes_clipart.json
+    python -m evaluation.unseen_classes --zoo zoos/clipart --checkpoint runs/clipart/bundle --out docs/results/unseen_classes_clipart.json
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ def evaluate_unseen(zoo: str | Path, checkpoint: str, tasks: int = 0, shots: tup
     from tina.datasets import load_dataset
     from tina.layout import ParamLayout
     from tina.sample import Tina, assemble
-    from zoo_builder.build import nearest_known
-    from zoo_builder.fit import selection_state_dicts
+    from zoo_builder.tasks import nearest_known
+    from evaluation.baselines import selection_flat
 
     zoo = Path(zoo)
     man = read_manifest(zoo)
@@ -88,8 +88,8 @@ def evaluate_unseen(zoo: str | Path, checkpoint: str, tasks: int = 0, shots: tup
                "chance": {"all": 1.0 / k, "held_out": 1.0 / k, "known": 1.0 / k}}  # fmt: skip
         oracle = assemble(man["target"], dataset.image, layout, m["params"], names)
         row["oracle"] = _scores(_predict(oracle, x), y, held_mask)
-        sel = selection_state_dicts(generic, [ids], proxy)[0]
-        row["nearest_known_selection"] = _scores(_predict(assemble(man["target"], dataset.image, layout, layout.flatten(sel), names), x), y, held_mask)
+        sel = selection_flat(layout, generic, ids, proxy)
+        row["nearest_known_selection"] = _scores(_predict(assemble(man["target"], dataset.image, layout, sel, names), x), y, held_mask)
         row["generated_names"] = _scores(_predict(tina.generate(classes=names, seed=seed), x), y, held_mask)
         descriptions = [m["prompts"][i][DESCRIPTION_VARIANT] if held_pos[i] else names[i] for i in range(k)]
         task = tina.make_task(classes=names)
@@ -127,7 +127,7 @@ def markdown(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tina.eval_unseen", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m evaluation.unseen_classes", description=__doc__.split("\n")[0])
     ap.add_argument("--zoo", required=True, help="a zoo built with tasks.held_out_classes > 0 and tasks.unseen_class > 0")
     ap.add_argument("--checkpoint", required=True, help="a generator trained on that zoo")
     ap.add_argument("--tasks", type=int, default=0, help="at most this many tasks (0 = all)")
