@@ -591,7 +591,7 @@ def _resolve_inputs(cfg: EvalConfig):
     if b.text_encoder != man["text_encoder"]:
         raise TinaError(f"checkpoint {cfg.checkpoint} uses text encoder {b.text_encoder!r}, zoo {zoo} {man['text_encoder']!r}")
     if dataset is None or dataset.name != man["dataset"]["name"]:
-        dataset = load_dataset(man["dataset"]["name"], cfg.data_root or man["dataset"].get("root"))
+        dataset = load_dataset(man["dataset"], cfg.data_root)
     return zoo, man, tina, dataset
 
 

@@ -13,7 +13,7 @@ from tina.model import build_dit
 from tina.targets import ImageSpec
 
 FASHION_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
-FASHION_IMAGE = ImageSpec(1, 28, (0.286,), (0.353,))
+FASHION_IMAGE = ImageSpec(1, 28, (0.286,), (0.353,), background=0)
 
 
 def random_bundle(path: str | Path, classes: list[str] = FASHION_CLASSES, image: ImageSpec = FASHION_IMAGE,

@@ -126,7 +126,7 @@ def train(cfg: TrainConfig) -> Path:
                     tokens_per_class=layout.tokens_per_class, cond_dim=cond_dim)
     log.info("generator %s: %.2fM parameters; %r", cfg.generator.size, sum(p.numel() for p in dit.parameters()) / 1e6, layout)
 
-    dataset = load_dataset(man["dataset"]["name"], cfg.data_root or man["dataset"].get("root"))
+    dataset = load_dataset(man["dataset"], cfg.data_root)
     cfg.val.split = resolve_val_split(man, cfg.val.split)
     val_models = load_split(zoo, cfg.val.split, limit=cfg.val.tasks)
     module = TinaLitModule(dit, layout, cfg.diffusion, cfg.optim, cfg.trainer.max_steps, cfg.val, val_models, dataset, man["target"],

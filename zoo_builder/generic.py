@@ -32,7 +32,7 @@ GENERIC_WEIGHTS, GENERIC_METRICS = "generic.safetensors", "generic.json"
 def generic_identity(cfg, layout_fingerprint: str) -> str:
     """Hash of what the generic model depends on (`cfg`: ZooConfig); the layout fingerprint changes
     with the target's architecture, so weights of an older architecture are never reused."""
-    return config_hash({"dataset": vars(cfg.dataset), "target": cfg.target, "generic": vars(cfg.generic),
+    return config_hash({"dataset": cfg.dataset.identity(), "target": cfg.target, "generic": vars(cfg.generic),
                         "layout": layout_fingerprint})  # fmt: skip
 
 
