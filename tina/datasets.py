@@ -364,7 +364,7 @@ def _load_cifar(name: str, root: str | None, download: bool, verify: bool = True
     """
     from torchvision import datasets
 
-    root = root or os.environ.get("TINA_CIFAR") or str(default_cache_dir() / "cifar")
+    root = root or os.environ.get("TINA_CIFAR") or str(default_cache_dir().parent / "cifar")  # ~/.cache/tina/cifar
     cls_name, folder, label_key, names_key, url = _CIFAR[name]
     tv = getattr(datasets, cls_name)
     if download and not os.path.isdir(os.path.join(root, folder)):
@@ -402,7 +402,8 @@ def _load_cifar(name: str, root: str | None, download: bool, verify: bool = True
         return x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), y  # (N, 32, 32, 3) HWC
 
     try:
-        classes = [str(c).replace("_", " ") for c in batches["meta"][0][names_key]]
+        names = batches["meta"][0][names_key]  # str in the official Python 2 files, bytes when written by Python 3
+        classes = [(c.decode("latin1") if isinstance(c, bytes) else str(c)).replace("_", " ") for c in names]
         (train_x, train_y), (test_x, test_y) = arrays("train"), arrays("test")
     except (KeyError, ValueError, TypeError) as e:
         raise TinaError(f"{name}: {base} does not hold CIFAR batches ({type(e).__name__}: {e})") from None

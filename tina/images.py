@@ -73,7 +73,7 @@ def render(source, image: ImageSpec, max_pixels: int = MAX_PIXELS) -> np.ndarray
     fill = image.background if image.channels == 1 else (image.background,) * 3
     out = Image.new(small.mode, (size, size), fill)
     out.paste(small, ((size - fit[0]) // 2, (size - fit[1]) // 2))
-    arr = np.asarray(out, dtype=np.uint8)
+    arr = np.array(out, dtype=np.uint8)  # a writable copy (torch.from_numpy warns on PIL's read-only view)
     return arr[..., None] if arr.ndim == 2 else arr  # (size, size, C)
 
 

@@ -345,7 +345,7 @@ def attach_projector(bundle_path, dataset_name: str | None = None, data_root: st
     cfg = make_config(cfg_overrides)
     path = resolve_checkpoint(bundle_path)
     bundle = load_bundle(path)
-    dataset = load_dataset(dataset_name or bundle.dataset, data_root)
+    dataset = load_dataset(dataset_name or bundle.meta.get("dataset_config") or bundle.dataset, data_root)
     class_emb = vocab_embeddings_for(bundle, dataset.classes, dataset.name)
     if (dataset.image.channels, dataset.image.size) != (bundle.image.channels, bundle.image.size):
         raise TinaError(f"dataset {dataset.name} has images {dataset.image}, but the generator takes {bundle.image}")
