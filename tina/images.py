@@ -79,7 +79,9 @@ def render(source, image: ImageSpec, max_pixels: int = MAX_PIXELS) -> np.ndarray
 
 def to_float(x: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 (N, H, W, C) -> float (N, C, H, W) in [0, 1]: the one conversion every model input takes."""
-    x = torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
+    if isinstance(x, np.ndarray):
+        x = np.ascontiguousarray(x)
+        x = torch.from_numpy(x if x.flags.writeable else x.copy())  # IDX files are read-only buffers
     return x.permute(0, 3, 1, 2).contiguous().float().div_(255.0)
 
 
