@@ -8,7 +8,7 @@
 Zoo size: a generator of `base_size` is trained on the first fraction f of the zoo's training models (a
 subset zoo: a copy of the manifest and new train shards holding those models; every other file is linked)
 with the same step budget. Generator size: each size is trained on the whole zoo. Every generator is
-evaluated by tina.evaluate on the SAME held-out tasks of the full zoo (`split`, class-name prompts, `seeds`
+evaluated by the evaluation package on the SAME held-out tasks of the full zoo (`split`, class-name prompts, `seeds`
 seeds) beside the zoo's oracle and classifier selection. Outputs in OUT: scaling.json,
 scaling_zoo_size.png, scaling_generator_size.png; trained runs are kept under OUT/runs and reused.
 """
@@ -149,7 +149,7 @@ def train_one(cfg: ScalingConfig, zoo: Path, size: str, name: str) -> tuple[Path
 
 
 def score(cfg: ScalingConfig, bundle: Path, zoo: Path, name: str) -> dict:
-    from tina.evaluate import evaluate, load_eval_config
+    from evaluation import evaluate, load_eval_config
 
     overrides = [f"checkpoint={bundle}", f"zoo={zoo}", f"out={Path(cfg.out) / 'evals' / name}", f"splits=[{cfg.split}]",
                  "forms=[names]", "image_shots=[]", "baselines=[oracle,selection]", "finetune.tasks=0", "plots=false",

@@ -67,7 +67,8 @@ def test_paper_chain_on_stand_in_files(home, tmp_path, capsys):
     # Flags first, then overrides; the zoo's dataset record and local CLIP checkpoint are used as they are.
     assert cli(["eval", str(CONFIGS / "eval" / "cifar100_paper.yaml"), "--checkpoint", str(run / "bundle"), "--zoo",
                 str(zoo), "--out", str(out), "tasks=2", "seeds=1", "images_per_class=5", "finetune.tasks=0",
-                "image_shots=[1]", f"expect.text_encoder=open_clip:{ARCH}/openai", "plots=false"]) == 0  # fmt: skip
+                "image_shots=[1]", "baselines=[oracle,selection,retrieval]", "novelty.tasks=0", "diversity.tasks=0",
+                f"expect.text_encoder=open_clip:{ARCH}/openai", "plots=false"]) == 0  # fmt: skip
     results = json.loads((out / "results.json").read_text())
     assert set(results["splits"]) == {"train", "unseen_combo", "unseen_class"}
     assert any("reduced run" in n for n in results["notes"])

@@ -117,7 +117,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from tina.evaluate import main as eval_main
+    from evaluation.cli import main as eval_main
 
     return eval_main(args.rest)
 

@@ -11,6 +11,7 @@ Batches pad tasks of different k to the batch's largest k; masks mark the real c
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import random
@@ -54,29 +55,28 @@ def shard_urls(zoo: str | Path, manifest: dict, split: str) -> list[str]:
     return [str(p) for p in paths]
 
 
-def load_split(zoo: str | Path, split: str, limit: int | None = None) -> list[dict]:
-    """Every model of one split, decoded into memory (for statistics, validation and evaluation)."""
+def iter_split(zoo: str | Path, split: str):
+    """Every model of one split, one at a time in shard order (streams: memory holds one shard's worth)."""
     man = read_manifest(zoo)
     urls = shard_urls(zoo, man, split)
     if not urls:
-        return []
+        return
     ds = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False).decode()
-    out = []
     for s in ds:
-        out.append(
-            {
-                "key": s["__key__"],
-                "params": torch.from_numpy(np.asarray(s["params.npy"], dtype=np.float32)),
-                "classes": s["classes.json"]["names"],
-                "class_ids": s["classes.json"]["ids"],
-                "emb": torch.from_numpy(np.asarray(s["emb.npy"], dtype=np.float32)),  # (k, V, E)
-                "prompts": s["prompts.json"],
-                "metrics": s["metrics.json"],
-            }
-        )
-        if limit is not None and len(out) >= limit:
-            break
-    return out
+        yield {
+            "key": s["__key__"],
+            "params": torch.from_numpy(np.asarray(s["params.npy"], dtype=np.float32)),
+            "classes": s["classes.json"]["names"],
+            "class_ids": s["classes.json"]["ids"],
+            "emb": torch.from_numpy(np.asarray(s["emb.npy"], dtype=np.float32)),  # (k, V, E)
+            "prompts": s["prompts.json"],
+            "metrics": s["metrics.json"],
+        }
+
+
+def load_split(zoo: str | Path, split: str, limit: int | None = None) -> list[dict]:
+    """Every model of one split (the first `limit`), decoded into memory (for statistics, validation and evaluation)."""
+    return list(itertools.islice(iter_split(zoo, split), limit))
 
 
 @dataclass
@@ -180,7 +180,8 @@ def fit_layout_stats(zoo: str | Path, layout: ParamLayout, limit: int = 4000, an
 
 def load_anchor(zoo: str | Path, layout: ParamLayout) -> SelectionAnchor:
     """Classifier selection from the zoo's generic model (generic.safetensors), matched by the
-    embeddings of every class's prompt variants (vocab.safetensors)."""
+    embeddings of every class's prompt variants (vocab.safetensors). Strictly held-out classes
+    (manifest held_out_classes) are not part of it: the generator never hears their names."""
     from safetensors.torch import load_file
 
     paths = [Path(zoo) / "generic.safetensors", Path(zoo) / "vocab.safetensors"]
@@ -188,7 +189,8 @@ def load_anchor(zoo: str | Path, layout: ParamLayout) -> SelectionAnchor:
         if not path.is_file():
             raise TinaError(f"{path} is missing: residual training needs the zoo's generic model and vocabulary "
                             "(or set residual=false)")  # fmt: skip
-    return SelectionAnchor.from_generic(layout, load_file(paths[0]), load_file(paths[1])["variants"])
+    held = read_manifest(zoo).get("held_out_classes", [])
+    return SelectionAnchor.from_generic(layout, load_file(paths[0]), load_file(paths[1])["variants"], held_out=held)
 
 
 class ZooDataModule(L.LightningDataModule):

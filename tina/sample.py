@@ -53,6 +53,17 @@ class Task:
     warnings: list[str] = field(default_factory=list)
 
 
+def tokens_to_flat(bundle: Bundle, tokens: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    """Normalised tokens (>= T(k), C) of one k-class task with conditions cond (k, E) -> flat weights (P,).
+
+    With an anchor the tokens hold the residual from (soft) classifier selection of each class."""
+    layout, k = bundle.layout, cond.shape[0]
+    flat = layout.denormalize(layout.detokenize(tokens[: layout.num_tokens(k)].float().cpu(), k), k)
+    if bundle.anchor is not None:
+        flat = flat + bundle.anchor.soft_origin(bundle.anchor.weights(cond.float().cpu()))
+    return flat
+
+
 def build_model(bundle: Bundle, flat: torch.Tensor, classes: list[str]) -> TargetNet:
     """A TargetNet carrying generated weights (+ the bundle's frozen base weights), loaded strictly."""
     return assemble(bundle.target, bundle.image, bundle.layout, flat, classes, bundle.base)
@@ -179,11 +190,7 @@ class Tina:
         models = []
         layout = self.bundle.layout
         for i, t in enumerate(tasks):
-            k = len(t.classes)
-            flat = layout.denormalize(layout.detokenize(tokens[i, : layout.num_tokens(k)], k), k)
-            if self.bundle.anchor is not None:  # residual from (soft) classifier selection of each class
-                flat = flat + self.bundle.anchor.soft_origin(self.bundle.anchor.weights(t.cond))
-            net = build_model(self.bundle, flat, t.classes)
+            net = build_model(self.bundle, tokens_to_flat(self.bundle, tokens[i], t.cond), t.classes)
             net.tina_info = {
                 "prompt": t.prompt, "classes": t.classes, "seed": seed, "steps": steps, "guidance": guidance,
                 "sampler": sampler, "warnings": t.warnings, "generator_fingerprint": layout.fingerprint,

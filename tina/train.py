@@ -135,6 +135,9 @@ def train(cfg: TrainConfig) -> Path | None:
     anchor = load_anchor(zoo, layout) if cfg.residual else None
     fit_layout_stats(zoo, layout, anchor=anchor)
     vocab_t = load_file(zoo / "vocab.safetensors")
+    # Strictly held-out classes stay out of the generator's vocabulary (and its anchor): it never hears their names.
+    held = set(man.get("held_out_classes", []))
+    known = [c for c in range(len(man["dataset"]["classes"])) if c not in held]
     cond_dim = vocab_t["names"].shape[-1]
     dit = build_dit(cfg.generator.size, token_size=layout.token_size, n_body_tokens=layout.n_body_tokens,
                     tokens_per_class=layout.tokens_per_class, cond_dim=cond_dim)
@@ -192,7 +195,7 @@ def train(cfg: TrainConfig) -> Path | None:
     bundle = Bundle(
         dit=ema, layout=layout, scheduler_config=module.sched_config, target=man["target"], image=image,
         dataset=man["dataset"]["name"], text_encoder=man["text_encoder"], k_max=int(man["config"]["tasks"]["k_max"]),
-        vocab=list(man["dataset"]["classes"]), vocab_emb=vocab_t["names"].float(), base=base, anchor=anchor,
+        vocab=[man["dataset"]["classes"][c] for c in known], vocab_emb=vocab_t["names"].float()[known], base=base, anchor=anchor,
         meta={
             "dataset_config": DatasetConfig.from_record(man["dataset"]).record(),  # the demo's sample images
             "sampling": {"sampler": cfg.diffusion.sampler, "steps": cfg.diffusion.steps, "guidance": cfg.diffusion.guidance},

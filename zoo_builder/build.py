@@ -32,7 +32,7 @@ from zoo_builder.shards import (
     MANIFEST, PLAN, VOCAB, build_manifest, encode_sample, load_vocab, plan_shards, read_json, remove_stale_tmp,
     write_json, write_shard, write_vocab,
 )  # fmt: skip
-from zoo_builder.tasks import TaskPlan, sample_tasks, task_number
+from zoo_builder.tasks import TaskPlan, nearest_known, sample_tasks, task_number
 
 log = logging.getLogger(__name__)
 WAIT_SECONDS = 6 * 3600  # how long a rank > 0 waits for rank 0 to prepare
@@ -50,14 +50,14 @@ def prepare(cfg: ZooConfig, zoo: Path, dataset) -> dict:
     from tina.text import get_text_encoder
 
     layout = layout_for(cfg.target, dataset.image, cfg.token_size)
-    if generic.load_generic(zoo, cfg, layout.fingerprint) is None:
+    plan = sample_tasks(len(dataset.classes), cfg.tasks)
+    if generic.load_generic(zoo, cfg, layout.fingerprint, plan.held_out_classes) is None:
         features = frozen_features(cfg, dataset, None)
-        net, metrics = generic.train_generic(cfg, dataset, layout.fingerprint, features)
+        net, metrics = generic.train_generic(cfg, dataset, layout.fingerprint, features, plan.held_out_classes)
         generic.save_generic(zoo, net, metrics)
     if not (zoo / "vocab.safetensors").is_file():
         log.info("encoding %d classes x %d variants with %s", len(dataset.classes), NUM_VARIANTS, cfg.text_encoder)
         write_vocab(zoo, dataset.classes, get_text_encoder(cfg.text_encoder), class_variants)
-    plan = sample_tasks(len(dataset.classes), cfg.tasks)
     plan_json = {
         "dataset": {**cfg.dataset.record(), "classes": list(dataset.classes), "image": dataset.image.to_dict()},
         "target": cfg.target, "token_size": cfg.token_size,
@@ -114,6 +114,7 @@ class ShardContext:
     names: list[str]  # class names
     variants: torch.Tensor  # (num_classes, V, E) text embeddings
     prompts: list[list[str]]  # variant strings per class
+    proxy: dict[int, int]  # strictly held-out class -> nearest known class by name embedding (its selection row)
     group_size: int  # models per stacked computation (runtime, resolved for the device)
     models_per_call: int  # models per forward/backward call (0 = the whole group)
 
@@ -129,7 +130,8 @@ def build_shards(ctx: ShardContext, shards: list, pool: ThreadPoolExecutor, bar)
     def run(j):
         # Each model's random stream is keyed by its task number: results never depend on grouping or scheduling.
         keys = fit.model_keys(fc.seed, [task_number(t.task_id) for t in groups[j]])
-        res = fit.fit_group(ctx.net, ctx.generic, [list(t.classes) for t in groups[j]], keys, ctx.data, fc, ctx.models_per_call)
+        res = fit.fit_group(ctx.net, ctx.generic, [list(t.classes) for t in groups[j]], keys, ctx.data, fc, ctx.models_per_call,
+                            ctx.proxy)
         bar.update(len(groups[j]))
         return res
 
@@ -210,14 +212,19 @@ def build(cfg: ZooConfig, rank: int = 0, world_size: int = 1) -> dict | None:
         log.info("%s is already complete", zoo)
         return read_json(zoo / MANIFEST)
 
-    loaded = generic.load_generic(zoo, cfg, layout.fingerprint)
+    loaded = generic.load_generic(zoo, cfg, layout.fingerprint, plan.held_out_classes)
     if loaded is None:
         raise TinaError(f"{zoo / generic.GENERIC_WEIGHTS} is missing or was trained with other settings; delete {zoo} and rebuild")
     state = loaded[0]
     features = frozen_features(cfg, dataset, state)
     data = make_fit_data(cfg, dataset, state, features).to(device)
+    vocab = load_vocab(zoo)
+    proxy = nearest_known(vocab["names"], plan.held_out_classes)
+    if proxy:
+        log.info("held-out classes start from their nearest known class: %s",
+                 ", ".join(f"{dataset.classes[h]} -> {dataset.classes[k]}" for h, k in proxy.items()))
     ctx = ShardContext(cfg, zoo, _fit_net(cfg, dataset.image, layout.feature_dim), state, data, layout,
-                       list(dataset.classes), load_vocab(zoo)["variants"], [class_variants(c) for c in dataset.classes],
+                       list(dataset.classes), vocab["variants"], [class_variants(c) for c in dataset.classes], proxy,
                        cfg.runtime.resolved_group_size(device), cfg.runtime.models_per_call(device, cfg.finetune.batch_size))
 
     mine = [s for s in shards if s.index % world_size == rank]
