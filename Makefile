@@ -16,7 +16,7 @@ apt:
 		if [ -n "$$missing" ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; fi; \
 	else \
 		echo "note: not root or no apt-get; for the datasets install: sudo apt-get install $(APT_PACKAGES) $(EXTRA_APT)"; \
-		echo "      (or point Tina at your own copies with --data-root / TINA_FASHION_MNIST / TINA_CLIPART)"; \
+		echo "      (or point Tina at your own copies with dataset.root=PATH / TINA_FASHION_MNIST / TINA_CLIPART)"; \
 	fi
 
 setup: apt

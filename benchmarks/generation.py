@@ -117,7 +117,7 @@ def finetune_same_accuracy(tina, zoo: str, task: dict, images_per_class: int = 3
     from evaluation.finetune import finetune_curve
 
     man = read_manifest(zoo)
-    dataset = load_dataset(man["dataset"]["name"], man["dataset"].get("root"))
+    dataset = load_dataset(man["dataset"])
     x, y = task_test_set(dataset, task["class_ids"], images_per_class)
     t0 = time.perf_counter()
     net = tina.generate(classes=list(task["classes"]), seed=0)

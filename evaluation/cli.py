@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    # intermixed: `tina eval CONFIG --checkpoint B tasks=5` (overrides after flags) parses too
+    args = build_parser().parse_intermixed_args(sys.argv[1:] if argv is None else argv)
     config = [a for a in args.args if "=" not in a]
     overrides = [a for a in args.args if "=" in a]
     if len(config) > 1:

@@ -84,7 +84,7 @@ class ExpectConfig:
     target: Optional[str] = None  # e.g. cnn-5k
     text_encoder: Optional[str] = None  # e.g. open_clip:ViT-B-32/openai
     k: Optional[int] = None  # every evaluated task has exactly k classes
-    min_tasks: int = 0  # the evaluated splits together hold at least this many tasks
+    min_tasks: int = 0  # the full setting's task count; fewer runs anyway, with a "reduced run" note in the results
     zoo_config: Optional[str] = None  # named in the error when the zoo is missing
     train_config: Optional[str] = None  # named in the error when the checkpoint is missing
 

@@ -10,24 +10,28 @@ from tina.errors import TinaError
 
 
 def _check_setting(cfg: EvalConfig):
-    """A setting with `expect` (a paper setting) lists every missing piece at once; returns the dataset if loaded."""
+    """A setting with `expect` (a paper setting) lists every missing piece at once; returns the dataset if loaded.
+
+    When the zoo exists, its own record (dataset root and options, text encoder) is what gets checked."""
+    from tina.data import read_manifest
     from tina.datasets import load_dataset
     from tina.sample import resolve_checkpoint
     from tina.text import get_text_encoder
 
     ex, missing, dataset = cfg.expect, [], None
     zoo_cfg, train_cfg = ex.zoo_config or "configs/zoo/<name>.yaml", ex.train_config or "configs/train/<name>.yaml"
+    man = read_manifest(Path(cfg.zoo)) if (Path(cfg.zoo) / "manifest.json").is_file() else None
     if ex.dataset is not None:
         try:
-            dataset = load_dataset(ex.dataset, cfg.data_root)
+            dataset = load_dataset(man["dataset"] if man else ex.dataset, cfg.data_root)
         except TinaError as e:
             missing.append(f"dataset {ex.dataset}: {e}")
     if ex.text_encoder is not None:
         try:
-            get_text_encoder(ex.text_encoder)  # resolves the weights file without loading it
+            get_text_encoder(man["text_encoder"] if man else ex.text_encoder)  # resolves the weights file without loading it
         except TinaError as e:
             missing.append(f"text encoder: {e}")
-    if not (Path(cfg.zoo) / "manifest.json").is_file():
+    if man is None:
         what = ", ".join(f"{n} {v}" for n, v in (("dataset", ex.dataset), ("target", ex.target),
                                                   ("text_encoder", ex.text_encoder), ("k", ex.k)) if v is not None)
         missing.append(f"zoo {cfg.zoo!r} does not exist: build one ({what}) with `tina zoo build {zoo_cfg} out={cfg.zoo}`")
@@ -46,6 +50,7 @@ def resolve_inputs(cfg: EvalConfig):
     from tina.data import read_manifest
     from tina.datasets import load_dataset
     from tina.sample import Tina, resolve_checkpoint
+    from tina.text import encoder_satisfies
 
     checked = ("dataset", "target", "text_encoder", "k", "min_tasks")
     dataset = _check_setting(cfg) if any(getattr(cfg.expect, n) not in (None, 0) for n in checked) else None
@@ -58,10 +63,13 @@ def resolve_inputs(cfg: EvalConfig):
                         f"`{build}`, or pass --zoo ZOO")
     man = read_manifest(zoo)
     ex = cfg.expect
-    for what, want, have in (("dataset", ex.dataset, man["dataset"]["name"]), ("target", ex.target, man["target"]),
-                             ("text encoder", ex.text_encoder, man["text_encoder"])):
+    for what, want, have in (("dataset", ex.dataset, man["dataset"]["name"]), ("target", ex.target, man["target"])):
         if want is not None and want != have:
             raise TinaError(f"zoo {zoo} was built with {what} {have!r}, but this evaluation setting needs {want!r}")
+    # A local checkpoint of the named architecture stands in for a tag's weights (open_clip:ViT-B-32-quickgelu/openai).
+    if ex.text_encoder is not None and not encoder_satisfies(man["text_encoder"], ex.text_encoder):
+        raise TinaError(f"zoo {zoo} was built with text encoder {man['text_encoder']!r}, but this evaluation setting "
+                        f"needs {ex.text_encoder!r} (or a local checkpoint of that architecture)")
     try:
         resolve_checkpoint(cfg.checkpoint)
     except TinaError as e:
@@ -76,7 +84,7 @@ def resolve_inputs(cfg: EvalConfig):
     if b.text_encoder != man["text_encoder"]:
         raise TinaError(f"checkpoint {cfg.checkpoint} uses text encoder {b.text_encoder!r}, zoo {zoo} {man['text_encoder']!r}")
     if dataset is None or dataset.name != man["dataset"]["name"]:
-        dataset = load_dataset(man["dataset"]["name"], cfg.data_root or man["dataset"].get("root"))
+        dataset = load_dataset(man["dataset"], cfg.data_root)  # the zoo's record: root and options
     return zoo, man, tina, dataset
 
 

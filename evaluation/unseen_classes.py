@@ -70,7 +70,7 @@ def evaluate_unseen(zoo: str | Path, checkpoint: str, tasks: int = 0, shots: tup
     leaked = [man["dataset"]["classes"][c] for c in held if man["dataset"]["classes"][c].lower() in vocab]
     if leaked:
         raise TinaError(f"the generator's vocabulary names held-out classes {leaked}: not a strict unseen-class test")
-    dataset = load_dataset(man["dataset"]["name"], man["dataset"].get("root"))
+    dataset = load_dataset(man["dataset"])
     layout = ParamLayout.from_dict(man["layout"])
     generic = load_file(str(zoo / "generic.safetensors"))
     proxy = nearest_known(load_file(str(zoo / "vocab.safetensors"))["names"], held)

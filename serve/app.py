@@ -69,8 +69,8 @@ class Sample:
     label: str  # true class name
 
 
-def _load_dataset(name: str):
-    """The checkpoint's dataset via tina.datasets (imported late: only the sample gallery needs it)."""
+def _load_dataset(name):
+    """The checkpoint's dataset (a name or the zoo's record of it) via tina.datasets (imported late: only the sample gallery needs it)."""
     try:
         from tina.datasets import load_dataset
     except ImportError as e:
@@ -327,7 +327,7 @@ class Demo:
         with self._dataset_lock:
             if self._dataset is None and self._dataset_error is None:
                 try:
-                    self._dataset = self._dataset_loader(self.bundle.dataset)
+                    self._dataset = self._dataset_loader(self.bundle.meta.get("dataset_config") or self.bundle.dataset)
                 except TinaError as e:
                     self._dataset_error = str(e)
                 except Exception as e:  # noqa: BLE001 - a broken dataset must not break the demo

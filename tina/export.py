@@ -55,7 +55,8 @@ def save_generated(net: TargetNet, folder: str | os.PathLike, formats: tuple[str
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **{k: v for k, v in info.items() if k != "seconds"},
             "usage": "torch.export.load('model.pt2').module()(images) with images float in [0, 1], shape (N, "
-                     f"{net.image.channels}, {net.image.size}, {net.image.size}) -> logits (N, {len(net.classes)})",
+                     f"{net.image.channels}, {net.image.size}, {net.image.size}) -> logits (N, {len(net.classes)}); "
+                     "tina.images.load_image(path, ImageSpec.from_dict(config['image'])) reads a file the way training did",
         }
         save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp / "model.safetensors")
         (tmp / "config.json").write_text(json.dumps(config, indent=2))

@@ -92,7 +92,9 @@ class TinaLitModule(L.LightningModule):
 
     @torch.no_grad()
     def on_validation_epoch_end(self):
-        if not self.val_models or self.dataset is None or self.trainer.sanity_checking:
+        # Rank zero only: every rank would generate the same models; the others go on to the next
+        # step's gradient all-reduce and wait there.
+        if not self.val_models or self.dataset is None or self.trainer.sanity_checking or not self.trainer.is_global_zero:
             return
         metrics = validate_generated(self.ema, self.layout, self.sched_config, self.val_models, self.dataset, self.target,
                                      self.val_cfg, self.diffusion, anchor=self.anchor)

@@ -346,7 +346,7 @@ def attach_projector(bundle_path, dataset_name: str | None = None, data_root: st
     cfg = make_config(cfg_overrides)
     path = resolve_checkpoint(bundle_path)
     bundle = load_bundle(path)
-    dataset = load_dataset(dataset_name or bundle.dataset, data_root)
+    dataset = load_dataset(dataset_name or bundle.meta.get("dataset_config") or bundle.dataset, data_root)
     known = set(normalize_class(n) for n in bundle.vocab)
     if any(normalize_class(c) not in known for c in dataset.classes):
         # A generator whose zoo held classes out never saw them: neither may its image projector.

@@ -97,20 +97,34 @@ def _devices(spec: str):
     return int(spec)
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Fit, then export the EMA generator to OUT/bundle; returns the bundle path."""
+def _rank() -> tuple[int, int]:
+    """(global rank, world size) as the launcher set them (torchrun, SLURM, Lightning's ddp re-launch);
+    (0, 1) in a single process and in the parent of ddp_spawn, which is rank zero."""
+    import os
+
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    return int(getattr(rank_zero_only, "rank", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def train(cfg: TrainConfig) -> Path | None:
+    """Fit, then export the EMA generator to OUT/bundle; returns the bundle path on rank zero, None on
+    the other ranks. Only rank zero validates and writes (config, checkpoints, logs, bundle)."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
     from safetensors.torch import load_file
 
     from tina.bundle import Bundle, save_bundle
-    from tina.datasets import load_dataset
+    from tina.datasets import DatasetConfig, load_dataset
     from tina.targets import ImageSpec
 
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    rank, world = _rank()
+    log.info("rank %d/%d: preparing (zoo %s, run %s)", rank, world, cfg.zoo, out)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
     L.seed_everything(cfg.trainer.seed, workers=True)
 
     zoo = Path(cfg.zoo)
@@ -129,7 +143,7 @@ def train(cfg: TrainConfig) -> Path:
                     tokens_per_class=layout.tokens_per_class, cond_dim=cond_dim)
     log.info("generator %s: %.2fM parameters; %r", cfg.generator.size, sum(p.numel() for p in dit.parameters()) / 1e6, layout)
 
-    dataset = load_dataset(man["dataset"]["name"], cfg.data_root or man["dataset"].get("root"))
+    dataset = load_dataset(man["dataset"], cfg.data_root)
     cfg.val.split = resolve_val_split(man, cfg.val.split)
     val_models = load_split(zoo, cfg.val.split, limit=cfg.val.tasks)
     module = TinaLitModule(dit, layout, cfg.diffusion, cfg.optim, cfg.trainer.max_steps, cfg.val, val_models, dataset, man["target"],
@@ -161,10 +175,12 @@ def train(cfg: TrainConfig) -> Path:
     last = ckpt_dir / "last.ckpt"
     t0 = time.perf_counter()
     # Resuming reads a Lightning checkpoint this run wrote itself (never a user-supplied file).
+    log.info("rank %d/%d: fitting %d steps", trainer.global_rank, trainer.world_size, cfg.trainer.max_steps)
     trainer.fit(module, datamodule=data, ckpt_path=str(last) if cfg.resume and last.is_file() else None)
     seconds = time.perf_counter() - t0
+    log.info("rank %d/%d: fit done in %.0f s", trainer.global_rank, trainer.world_size, seconds)
     if not trainer.is_global_zero:
-        return out / "bundle"
+        return None
 
     ema = module.ema.float().cpu().eval()
     final_models = load_split(zoo, cfg.val.split, limit=cfg.trainer.final_val_tasks)
@@ -181,6 +197,7 @@ def train(cfg: TrainConfig) -> Path:
         dataset=man["dataset"]["name"], text_encoder=man["text_encoder"], k_max=int(man["config"]["tasks"]["k_max"]),
         vocab=[man["dataset"]["classes"][c] for c in known], vocab_emb=vocab_t["names"].float()[known], base=base, anchor=anchor,
         meta={
+            "dataset_config": DatasetConfig.from_record(man["dataset"]).record(),  # the demo's sample images
             "sampling": {"sampler": cfg.diffusion.sampler, "steps": cfg.diffusion.steps, "guidance": cfg.diffusion.guidance},
             "metrics": {"split": cfg.val.split, "tasks": len(final_models), **metrics},
             "training": {"steps": int(trainer.global_step), "seconds": round(seconds, 1), "device": str(precision) + " " + (
@@ -202,6 +219,7 @@ def main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     cfg = load_config(TrainConfig, args.config, args.overrides)
     path = train(cfg)
-    print(f"generator bundle: {path}")
+    if path is not None:  # rank zero, after the bundle is on disk; other ranks print nothing
+        print(f"generator bundle: {path}")
     return 0
 

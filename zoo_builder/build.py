@@ -59,8 +59,7 @@ def prepare(cfg: ZooConfig, zoo: Path, dataset) -> dict:
         log.info("encoding %d classes x %d variants with %s", len(dataset.classes), NUM_VARIANTS, cfg.text_encoder)
         write_vocab(zoo, dataset.classes, get_text_encoder(cfg.text_encoder), class_variants)
     plan_json = {
-        "dataset": {"name": cfg.dataset.name, "root": cfg.dataset.root, "classes": list(dataset.classes),
-                    "image": dataset.image.to_dict()},
+        "dataset": {**cfg.dataset.record(), "classes": list(dataset.classes), "image": dataset.image.to_dict()},
         "target": cfg.target, "token_size": cfg.token_size,
         "layout": layout.to_dict(), "layout_fingerprint": layout.fingerprint,
         "text_encoder": cfg.text_encoder, "num_variants": NUM_VARIANTS,
@@ -190,9 +189,15 @@ def build(cfg: ZooConfig, rank: int = 0, world_size: int = 1) -> dict | None:
     fit.tune_malloc()
     t0 = time.perf_counter()
 
-    dataset = load_dataset(cfg.dataset.name, cfg.dataset.root)
+    log.info("rank %d/%d: loading %s", rank, world_size, cfg.dataset.name)
+    dataset = load_dataset(cfg.dataset)
     layout = layout_for(cfg.target, dataset.image, cfg.token_size)
     plan_path = zoo / PLAN
+    if rank == 0 and not (zoo / VOCAB).is_file():
+        # Missing or wrong text-encoder weights fail now, not after the generic model has trained.
+        from tina.text import get_text_encoder
+
+        get_text_encoder(cfg.text_encoder).load()
     if plan_path.is_file():
         _check_plan(read_json(plan_path), cfg, layout, zoo)
     if rank == 0:

@@ -12,14 +12,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from tina.config import config_hash, to_dict
-
-
-@dataclass
-class DatasetConfig:
-    """Which images the models are trained on."""
-
-    name: str = "fashion-mnist"  # a tina.datasets name
-    root: Optional[str] = None  # override where its files are (else the dataset's default / env var)
+from tina.datasets import DatasetConfig  # noqa: F401 - the `dataset:` section, shared with training and evaluation
 
 
 @dataclass
@@ -169,6 +162,7 @@ def identity(cfg: ZooConfig) -> dict:
     d = to_dict(cfg)
     d.pop("runtime")
     d.pop("out")
+    d["dataset"] = cfg.dataset.identity()
     return d
 
 

@@ -34,7 +34,7 @@ GENERIC_WEIGHTS, GENERIC_METRICS = "generic.safetensors", "generic.json"
 def generic_identity(cfg, layout_fingerprint: str, held_out: list[int] = ()) -> str:
     """Hash of what the generic model depends on (`cfg`: ZooConfig); the layout fingerprint changes
     with the target's architecture, so weights of an older architecture are never reused."""
-    d = {"dataset": vars(cfg.dataset), "target": cfg.target, "generic": vars(cfg.generic), "layout": layout_fingerprint}
+    d = {"dataset": cfg.dataset.identity(), "target": cfg.target, "generic": vars(cfg.generic), "layout": layout_fingerprint}
     if held_out:  # only when present, so zoos without held-out classes keep their hashes
         d["held_out_classes"] = sorted(int(c) for c in held_out)
     return config_hash(d)
