@@ -58,6 +58,7 @@ import torch
 import torch.nn.functional as F
 
 from tina.errors import TinaError
+from tina.validate import ArgumentParser, check_sampling, writable_folder
 from tina.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -182,6 +183,7 @@ class EvalConfig:
             raise ValueError("seeds >= 1, tasks >= 0, batch_size >= 1 and images_per_class >= 0 are required")
         if any(n < 1 for n in self.image_shots):
             raise ValueError(f"image_shots must be positive, got {self.image_shots}")
+        check_sampling(steps=self.steps, guidance=self.guidance)  # NaN guidance would score as chance
 
 
 def load_eval_config(path: str | None = None, overrides: list[str] | tuple = ()) -> EvalConfig:
@@ -687,8 +689,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         torch.set_num_threads(cfg.threads)
     zoo, man, tina, dataset = _resolve_inputs(cfg)
     bundle, layout = tina.bundle, tina.bundle.layout
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_folder(cfg.out, "out")
     save_config(cfg, out / "eval_config.yaml")
     notes: list[str] = []
 
@@ -1069,7 +1070,7 @@ def write_plots(r: dict, out: Path) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     from tina.diffusion import SAMPLERS
 
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         prog="tina eval", description="Evaluate a generator on a zoo: generated models vs oracle and baselines.",
         epilog="Example: tina eval configs/eval/fashion_mnist.yaml --checkpoint runs/fashion_mnist/bundle --tasks 50")
     ap.add_argument("args", nargs="*", metavar="CONFIG|key=value",

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from tina.config import load_config, save_config
+from tina.config import at_least, load_config, save_config
 from tina.data import (
     AugmentConfig, ZooDataModule, fit_layout_stats, layout_from_manifest, load_anchor, load_split, read_manifest,
 )  # fmt: skip
@@ -24,6 +24,7 @@ from tina.errors import TinaError
 from tina.layout import ParamLayout
 from tina.lit_module import OptimConfig, TinaLitModule, ValConfig, validate_generated
 from tina.model import DIT_SIZES, build_dit
+from tina.validate import ArgumentParser, writable_folder
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,12 @@ class TrainerConfig:
     ckpt_every: int = 500
     seed: int = 0
     final_val_tasks: int = 100  # held-out tasks measured at the end, written into the bundle
+
+    def __post_init__(self):
+        at_least("trainer", max_steps=(self.max_steps, 1), batch_size=(self.batch_size, 1), workers=(self.workers, 0),
+                 num_nodes=(self.num_nodes, 1), grad_clip=(self.grad_clip, 0), val_every=(self.val_every, 1),
+                 log_every=(self.log_every, 1), ckpt_every=(self.ckpt_every, 1), seed=(self.seed, 0),
+                 final_val_tasks=(self.final_val_tasks, 0))
 
 
 @dataclass
@@ -108,8 +115,7 @@ def train(cfg: TrainConfig) -> Path:
     from tina.datasets import load_dataset
     from tina.targets import ImageSpec
 
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_folder(cfg.out, "out")
     save_config(cfg, out / "config.yaml")
     L.seed_everything(cfg.trainer.seed, workers=True)
 
@@ -130,7 +136,7 @@ def train(cfg: TrainConfig) -> Path:
     cfg.val.split = resolve_val_split(man, cfg.val.split)
     val_models = load_split(zoo, cfg.val.split, limit=cfg.val.tasks)
     module = TinaLitModule(dit, layout, cfg.diffusion, cfg.optim, cfg.trainer.max_steps, cfg.val, val_models, dataset, man["target"],
-                          anchor)
+                          anchor, seed=cfg.trainer.seed)
     data = ZooDataModule(zoo, layout, cfg.augment, cfg.trainer.batch_size, cfg.trainer.workers, cfg.trainer.seed, anchor)
 
     precision = cfg.trainer.precision
@@ -191,9 +197,7 @@ def train(cfg: TrainConfig) -> Path:
 
 
 def main(argv: list[str]) -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="tina train", description="Train a generator on a zoo and export a bundle.")
+    ap = ArgumentParser(prog="tina train", description="Train a generator on a zoo and export a bundle.")
     ap.add_argument("config", help="YAML config (configs/train/*.yaml)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.max_steps=100")
     args = ap.parse_args(argv)

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from tina.config import config_hash, load_config, save_config
 from tina.errors import TinaError
 from tina.layout import ParamLayout, layout_for
+from tina.validate import ArgumentParser, writable_folder
 from zoo_builder import fit, generic
 from zoo_builder.config import ZooConfig, identity, identity_hash
 from zoo_builder.shards import (
@@ -180,8 +181,7 @@ def build(cfg: ZooConfig, rank: int = 0, world_size: int = 1) -> dict | None:
 
     if not 0 <= rank < world_size:
         raise TinaError(f"rank must be in [0, world_size), got rank={rank} world_size={world_size}")
-    zoo = Path(cfg.out)
-    zoo.mkdir(parents=True, exist_ok=True)
+    zoo = writable_folder(cfg.out, "out")
     device = cfg.runtime.resolved_device()
     threads, workers = cfg.runtime.resolved_threads(), cfg.runtime.resolved_workers(device)
     torch.set_num_threads(threads)
@@ -189,6 +189,8 @@ def build(cfg: ZooConfig, rank: int = 0, world_size: int = 1) -> dict | None:
     t0 = time.perf_counter()
 
     dataset = load_dataset(cfg.dataset.name, cfg.dataset.root)
+    if cfg.tasks.k_max > len(dataset.classes):
+        raise TinaError(f"tasks.k_max={cfg.tasks.k_max} exceeds the {len(dataset.classes)} classes of {cfg.dataset.name}")
     layout = layout_for(cfg.target, dataset.image, cfg.token_size)
     plan_path = zoo / PLAN
     if plan_path.is_file():
@@ -259,7 +261,7 @@ def _wait_for_plan(plan_path: Path, cfg: ZooConfig, layout: ParamLayout) -> dict
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: `build CONFIG [key=value ...] [--rank R --world-size W]`. TinaError -> message, exit 2."""
-    ap = argparse.ArgumentParser(prog="python -m zoo_builder", description="Build a zoo of personalized models.")
+    ap = ArgumentParser(prog="python -m zoo_builder", description="Build a zoo of personalized models.")
     sub = ap.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="build or resume a zoo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     b.add_argument("config", help="a YAML file, e.g. configs/zoo/fashion_mnist.yaml")
