@@ -122,7 +122,7 @@ class ZooStream(torch.utils.data.IterableDataset):
     else all of them. Example n of a stream is a pure function of (seed, stream, n): epoch n // N visits
     the stream's N models in an order drawn from (seed, stream, epoch), and its augmentation draws from
     (seed, stream, n). So a run resumed at global step `start_step` gets exactly the batches the
-    uninterrupted run got from that step on (the DataLoader takes batch j from worker j % workers).
+    uninterrupted run got from that step on.
     """
 
     def __init__(self, urls: list[ShardFile], layout: ParamLayout, aug: AugmentConfig, seed: int,
@@ -132,7 +132,10 @@ class ZooStream(torch.utils.data.IterableDataset):
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        workers = info.num_workers if info else 1
+        # The DataLoader takes batch i of this run from worker i % workers, so worker w plays the part
+        # of the uninterrupted run's worker (start_step + w) % workers.
+        worker = (self.start_step + (info.id if info else 0)) % workers
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         stream, streams = rank * workers + worker, world * workers
@@ -195,9 +198,16 @@ class ZooDataModule(L.LightningDataModule):
         super().__init__()
         self.zoo, self.layout, self.aug, self.batch_size, self.workers, self.seed = Path(zoo), layout, aug, batch_size, workers, seed
         self.anchor = anchor
-        self.urls = shard_urls(zoo, read_manifest(zoo), "train")
+        man = read_manifest(zoo)
+        self.urls = shard_urls(zoo, man, "train")
         if not self.urls:
             raise TinaError(f"zoo {zoo} lists no train shards")
+        reader = ShardReader()  # verifies every train shard now, not mid-run
+        self.num_models = sum(len(reader.keys(u)) for u in self.urls)
+        reader.close()
+        if self.num_models != man.get("counts", {}).get("train"):
+            raise TinaError(f"{Path(zoo) / 'manifest.json'} counts {man.get('counts', {}).get('train')} train models but its "
+                            f"shards hold {self.num_models}; the manifest was edited or the zoo is damaged")
 
     def train_dataloader(self):
         world = self.trainer.world_size if self.trainer is not None else 1

@@ -29,6 +29,10 @@ class ImageSpec:
     mean: tuple[float, ...]  # per-channel normalisation, applied inside the model
     std: tuple[float, ...]
 
+    def __post_init__(self):
+        if not all(s > 0 for s in self.std):  # also catches NaN: the model divides by std
+            raise TinaError(f"image std must be > 0 for every channel, got {list(self.std)}")
+
     def to_dict(self) -> dict:
         return {"channels": self.channels, "size": self.size, "mean": list(self.mean), "std": list(self.std)}
 

@@ -115,8 +115,7 @@ def train(cfg: TrainConfig) -> Path:
     from tina.datasets import load_dataset
     from tina.targets import ImageSpec
 
-    out = writable_folder(cfg.out, "out")
-    save_config(cfg, out / "config.yaml")
+    out = writable_folder(cfg.out, "out", create=False)  # created once the zoo has passed its checks
     L.seed_everything(cfg.trainer.seed, workers=True)
 
     zoo = Path(cfg.zoo)
@@ -139,6 +138,8 @@ def train(cfg: TrainConfig) -> Path:
                           anchor, seed=cfg.trainer.seed)
     data = ZooDataModule(zoo, layout, cfg.augment, cfg.trainer.batch_size, cfg.trainer.workers, cfg.trainer.seed, anchor)
 
+    writable_folder(out, "out")
+    save_config(cfg, out / "config.yaml")
     precision = cfg.trainer.precision
     if precision == "auto":
         precision = "bf16-mixed" if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda") else "32-true"
@@ -188,7 +189,7 @@ def train(cfg: TrainConfig) -> Path:
             "metrics": {"split": cfg.val.split, "tasks": len(final_models), **metrics},
             "training": {"steps": int(trainer.global_step), "seconds": round(seconds, 1), "device": str(precision) + " " + (
                 torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"), "generator_size": cfg.generator.size,
-                "zoo": str(zoo), "zoo_models": int(man["counts"].get("train", 0)), "zoo_config_hash": man.get("config_hash")},
+                "zoo": str(zoo), "zoo_models": data.num_models, "zoo_config_hash": man.get("config_hash")},
         },
     )
     path = save_bundle(bundle, out / "bundle", config_yaml=(out / "config.yaml").read_text())

@@ -57,11 +57,17 @@ def os_error_line(e: OSError) -> str | None:
     return f"{e.strerror or os.strerror(e.errno)}{where}{hint}"
 
 
-def writable_folder(path: str | Path, what: str) -> Path:
-    """`path` as a folder Tina may write into (created if needed); TinaError naming `what` otherwise."""
+def writable_folder(path: str | Path, what: str, create: bool = True) -> Path:
+    """`path` as a folder Tina may write into (created if `create`); TinaError naming `what` otherwise.
+    With create=False nothing is written: a run checks its output before its work, creates it after."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise TinaError(f"{what}={str(path)!r} is a file, not a folder; choose another {what}")
+    if not create:
+        parent = next(p for p in (path, *path.parents) if p.exists())
+        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            raise TinaError(f"{what}={str(path)!r} cannot be written ({parent} is not a writable folder)")
+        return path
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -181,7 +181,7 @@ def build(cfg: ZooConfig, rank: int = 0, world_size: int = 1) -> dict | None:
 
     if not 0 <= rank < world_size:
         raise TinaError(f"rank must be in [0, world_size), got rank={rank} world_size={world_size}")
-    zoo = writable_folder(cfg.out, "out")
+    zoo = writable_folder(cfg.out, "out", create=False)  # created once the config has passed its checks
     device = cfg.runtime.resolved_device()
     threads, workers = cfg.runtime.resolved_threads(), cfg.runtime.resolved_workers(device)
     torch.set_num_threads(threads)
@@ -191,6 +191,7 @@ def build(cfg: ZooConfig, rank: int = 0, world_size: int = 1) -> dict | None:
     dataset = load_dataset(cfg.dataset.name, cfg.dataset.root)
     if cfg.tasks.k_max > len(dataset.classes):
         raise TinaError(f"tasks.k_max={cfg.tasks.k_max} exceeds the {len(dataset.classes)} classes of {cfg.dataset.name}")
+    writable_folder(zoo, "out")
     layout = layout_for(cfg.target, dataset.image, cfg.token_size)
     plan_path = zoo / PLAN
     if plan_path.is_file():
