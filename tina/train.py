@@ -116,7 +116,7 @@ def train(cfg: TrainConfig) -> Path:
     from tina.targets import ImageSpec
 
     out = writable_folder(cfg.out, "out", create=False)  # created once the zoo has passed its checks
-    L.seed_everything(cfg.trainer.seed, workers=True)
+    L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)  # no stderr line of its own
 
     zoo = Path(cfg.zoo)
     man = read_manifest(zoo)
