@@ -26,6 +26,7 @@ from tina.diffusion import make_scheduler, sample_tokens
 from tina.errors import TinaError
 from tina.prompts import parse_prompt
 from tina.targets import TargetNet, get_target
+from tina.validate import check_sampling
 
 log = logging.getLogger(__name__)
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
@@ -142,6 +143,8 @@ class Tina:
     def make_task(self, prompt: str | None = None, classes: list[str] | None = None, images: dict | None = None) -> Task:
         from tina.prompts import normalize_class
 
+        if classes and prompt is not None:
+            raise TinaError("give a prompt or a list of classes, not both")
         if classes:
             classes = [normalize_class(c) for c in classes]
             _check_classes(classes)
@@ -170,8 +173,9 @@ class Tina:
         self, tasks: list[Task], seed: int = 0, steps: int | None = None, guidance: float | None = None, sampler: str | None = None,
     ) -> list[TargetNet]:
         """All tasks in one batched reverse process (tasks of different k are padded and masked)."""
+        check_sampling(seed, steps, guidance)
         d = self.bundle.meta.get("sampling", {})
-        steps = steps or d.get("steps", 25)
+        steps = d.get("steps", 25) if steps is None else steps
         guidance = d.get("guidance", 1.0) if guidance is None else guidance
         sampler = sampler or d.get("sampler", "ddim")
         t0 = time.perf_counter()
