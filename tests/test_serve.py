@@ -377,3 +377,21 @@ def test_tina_demo_and_python_m_serve_help(monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:  # in-process: a subprocess would spend seconds importing gradio again
         runpy.run_module("serve", run_name="__main__")
     assert e.value.code == 0 and "--host" in capsys.readouterr().out
+
+
+def test_generate_shows_routing_expected_accuracy_and_warnings(demo):
+    new, status, _ = demo.on_generate(None, "classify handbags vs sneakers", 0, None, None, None)
+    assert new is not None and "Checkpoint:" in status and "expected accuracy" in status
+    assert "handbag -> bag" in status.replace("\\", "")
+    kept, status, _ = demo.on_generate(new, "hot dog or not hot dog", 0, None, None, None)
+    assert kept is new and "allow unknown classes" in status
+    forced, status, _ = demo.on_generate(None, "hot dog or not hot dog", 0, None, None, None, allow_unknown=True)
+    assert forced is not None and forced.tina_info["allowed_unknown"] is True and "far from" in status
+
+
+def test_api_generate_needs_only_a_prompt(demo):
+    out = demo.api_generate("classify sneakers vs sandals")
+    assert out["classes"] == ["sneaker", "sandal"] and "expected_accuracy" in out and out["routing"]["checkpoint"]
+    app = build_app(demo=demo)
+    info = app.get_api_info()["named_endpoints"]["/generate"]["parameters"]
+    assert info[0]["parameter_name"] == "prompt" and all(p["parameter_has_default"] for p in info[1:])

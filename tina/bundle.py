@@ -11,6 +11,8 @@
                              embeddings ("vocab.names"), image projector ("projector.*", optional),
                              classifier-selection anchor ("anchor.*", when the DiT generates residuals)
       vocab.json             class names of the vocabulary, in the order of vocab.names
+      quality.json           optional: the calibration behind expected accuracies (tina/expected.py,
+                             written by python -m tina.calibrate), checked against vocab and layout
 
 Nothing is unpickled: safetensors and JSON only.
 """
@@ -28,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from tina.anchor import SelectionAnchor
 from tina.atomic import FolderKind, atomic_folder
+from tina.expected import QUALITY_FILE, load_quality
 from tina.errors import TinaError
 from tina.layout import ParamLayout
 from tina.model import DiT, DiTConfig
@@ -37,7 +40,7 @@ from tina.validate import check_image_spec, check_state, json_field
 log = logging.getLogger(__name__)
 BUNDLE_FORMAT = "tina-generator/1"
 FILES = ("bundle.json", "layout.json", "scheduler_config.json", "weights.safetensors", "vocab.json")
-FOLDER = FolderKind("bundle.json", BUNDLE_FORMAT, frozenset(FILES) | {"config.yaml"}, "generator folder")
+FOLDER = FolderKind("bundle.json", BUNDLE_FORMAT, frozenset(FILES) | {"config.yaml", QUALITY_FILE, "quality_rows.json"}, "generator folder")
 
 
 @dataclass
@@ -59,6 +62,7 @@ class Bundle:
     projector_config: dict = field(default_factory=dict)
     anchor: SelectionAnchor | None = None  # generated vectors are residuals from this (tina/anchor.py)
     meta: dict = field(default_factory=dict)  # the rest of bundle.json (metrics, sampling defaults...)
+    quality: dict | None = None  # quality.json: expected-accuracy calibration (tina/expected.py)
     path: Path | None = None
 
     @property
@@ -100,6 +104,8 @@ def save_bundle(bundle: Bundle, path: str | os.PathLike, config_yaml: str | None
         (tmp / "vocab.json").write_text(json.dumps(bundle.vocab, indent=1))
         if config_yaml is not None:
             (tmp / "config.yaml").write_text(config_yaml)
+        if bundle.quality is not None:
+            (tmp / QUALITY_FILE).write_text(json.dumps(bundle.quality, indent=1))
     return Path(path)
 
 
@@ -196,6 +202,7 @@ def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu", tex
         projector_config=json_field(meta, "projector", (dict, type(None)), mpath, required=False) or {},
         anchor=anchor,
         meta={k: v for k, v in meta.items() if k not in known},
+        quality=load_quality(path, vocab, layout.fingerprint),
         path=path,
     )
 

@@ -2,7 +2,7 @@
 
     tina generate "classify sneakers vs sandals"     prompt → model folder
     tina predict FOLDER img.png ...                   class and probability per image
-    tina info [CHECKPOINT]                            what a generator was trained on, and how well
+    tina info [CHECKPOINT]                            what each shipped generator knows, and how well
     tina zoo build CONFIG key=value ...               build a zoo of personalized models
     tina train CONFIG key=value ...                   train a generator on a zoo
     tina eval ...                                     generated vs oracle and baselines
@@ -49,19 +49,30 @@ def cmd_generate(args) -> int:
     import torch
 
     from tina.export import save_generated
+    from tina.routing import prompt_classes, route
     from tina.sample import Tina
 
     if args.prompt is None and not args.classes and not args.image:
         raise TinaError('give a prompt, e.g. tina generate "classify sneakers vs sandals", or --classes A B')
     if args.threads:
         torch.set_num_threads(args.threads)
-    tina = Tina.from_pretrained(args.checkpoint, device=args.device)
+    image_names = [item.split("=", 1)[0] for item in args.image if "=" in item]
+    decision = route(prompt_classes(args.prompt, args.classes, image_names), args.checkpoint)
+    print(f"checkpoint: {decision.reason}")
+    tina = Tina.from_pretrained(decision.card.path, device=args.device)
     images = _parse_image_prompts(args.image, tina.bundle.image) if args.image else None
     task = tina.make_task(args.prompt, args.classes, images)
+    a = task.assessment
+    if a.unknown and not args.allow_unknown:
+        raise TinaError(decision.refusal([m.name for m in a.unknown]))
     print("classes (output order): " + ", ".join(f"{i}={printable(c)}" for i, c in enumerate(task.classes)))
+    if a.resolved():
+        print(f"known classes used: {a.resolved()}")
+    print(a.summary())
     for w in task.warnings:
         print(f"warning: {printable(w)}", file=sys.stderr)
     model = tina.generate_tasks([task], seed=args.seed, steps=args.steps, guidance=args.guidance, sampler=args.sampler)[0]
+    model.tina_info |= {"routing": decision.info(), "allowed_unknown": bool(a.unknown)}
     out = Path(args.output) if args.output else Path("generated") / _slug(task.classes)
     save_generated(model, out, formats=tuple(args.format))
     n = sum(p.numel() for p in model.parameters())
@@ -96,14 +107,29 @@ def cmd_predict(args) -> int:
 
 def cmd_info(args) -> int:
     from tina.bundle import load_bundle
+    from tina.routing import read_card, shipped_cards
     from tina.sample import resolve_checkpoint
 
+    if args.checkpoint is None:  # every shipped checkpoint: what it knows and how well
+        from tina.registry import ALIASES
+
+        for card in shipped_cards():
+            d = card.describe()
+            alias = [a for a, t in ALIASES.items() if t == card.name]
+            print(f"{card.name}{' (alias: ' + ', '.join(alias) + ')' if alias else ''}: {d['domain']}, "
+                  f"up to {card.k_max} classes per model")
+            print(f"  vocabulary ({len(card.vocab)}): {', '.join(card.vocab)}")
+            print(f"  quality: {d['quality']}")
+            print(f"  classes under similarity {card.threshold:.2f} to this vocabulary are refused (--allow-unknown overrides)")
+        print("details of one: tina info NAME")
+        return 0
     path = resolve_checkpoint(args.checkpoint)
     b = load_bundle(path)
     info = {"path": str(path), "target": b.target, "dataset": b.dataset, "text_encoder": b.text_encoder,
             "layout_fingerprint": b.fingerprint, "k_max": b.k_max, "vocabulary": b.vocab,
             "generator_parameters": sum(p.numel() for p in b.dit.parameters()), "image_prompts": bool(b.projector),
-            "generates": "residual from classifier selection" if b.anchor is not None else "whole weights", **b.meta}
+            "generates": "residual from classifier selection" if b.anchor is not None else "whole weights",
+            **read_card(path).describe(), **b.meta}
     print(json.dumps(info, indent=2))
     return 0
 
@@ -148,7 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--classes", nargs="+", metavar="CLASS", help="explicit class names, in output order")
     g.add_argument("--image", action="append", default=[], metavar="CLASS=PATH",
                    help="image prompt for a class (repeat for several images or classes)")
-    g.add_argument("--checkpoint", default="default", help="generator folder, or 'default'")
+    g.add_argument("--checkpoint", default=None,
+                   help="generator folder or shipped name (default: route to the shipped checkpoint that knows the classes)")
+    g.add_argument("--allow-unknown", action="store_true",
+                   help="generate even when a class is too far from every known class (marked in config.json)")
     g.add_argument("-o", "--output", help="model folder to write (default generated/<classes>)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--steps", type=int, default=None, help="sampling steps (default: the checkpoint's)")
@@ -167,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
 
     i = sub.add_parser("info", help="describe a generator checkpoint")
-    i.add_argument("checkpoint", nargs="?", default="default")
+    i.add_argument("checkpoint", nargs="?", default=None, help="a shipped name or folder (default: list every shipped one)")
     i.set_defaults(func=cmd_info)
 
     for name, func, help_ in [
