@@ -41,7 +41,7 @@ train:
 checkpoint: zoo train
 	$(PYTHON) -m tina.projector runs/fashion_mnist/bundle
 	$(PYTHON) -m tina.bundle runs/fashion_mnist/bundle tina/checkpoints/fashion-mnist --half
-	nice -n 15 $(PYTHON) -m tina.calibrate fashion-mnist --zoo-config configs/zoo/fashion_mnist.yaml
+	nice -n 15 $(PYTHON) -m evaluation.calibrate fashion-mnist --zoo-config configs/zoo/fashion_mnist.yaml
 eval:
 	tina eval configs/eval/fashion_mnist.yaml --checkpoint default
 bench:

@@ -393,7 +393,12 @@ def test_groups_spanning_shards_build_the_same_zoo(tiny_zoo, tmp_path):
     assert ref.keys() == got.keys()
     for key, s in ref.items():
         np.testing.assert_allclose(got[key]["params.npy"], s["params.npy"], rtol=1e-4, atol=1e-5, err_msg=key)
-        assert got[key]["metrics.json"]["selection_acc"] == s["metrics.json"]["selection_acc"]
+        if s["metrics.json"]["split"] == "unseen_class":
+            # a held-out class borrows its nearest known class's row: when both are in the task their logits tie
+            # exactly, and a 1-ulp difference from another group shape breaks the tie the other way
+            assert abs(got[key]["metrics.json"]["selection_acc"] - s["metrics.json"]["selection_acc"]) <= 0.02
+        else:
+            assert got[key]["metrics.json"]["selection_acc"] == s["metrics.json"]["selection_acc"]
 
 
 def test_ranks_split_shards_and_the_last_one_finalizes(tiny_zoo, tmp_path):

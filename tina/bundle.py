@@ -12,7 +12,7 @@
                              classifier-selection anchor ("anchor.*", when the DiT generates residuals)
       vocab.json             class names of the vocabulary, in the order of vocab.names
       quality.json           optional: the calibration behind expected accuracies (tina/expected.py,
-                             written by python -m tina.calibrate), checked against vocab and layout
+                             written by python -m evaluation.calibrate), checked against vocab and layout
 
 Nothing is unpickled: safetensors and JSON only.
 """

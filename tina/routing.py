@@ -48,7 +48,7 @@ class Card:
         return {"name": self.name, "path": str(self.path), "dataset": self.dataset,
                 "domain": f"{self.image.size}x{self.image.size} {kind} images of {self.dataset}",
                 "k_max": self.k_max, "vocabulary": self.vocab,
-                "quality": q.get("summary", "not calibrated (python -m tina.calibrate CHECKPOINT)"),
+                "quality": q.get("summary", "not calibrated (python -m evaluation.calibrate CHECKPOINT)"),
                 "unknown_similarity": self.threshold}
 
 
