@@ -126,9 +126,9 @@ def _parse(make, d, where):
         raise TinaError(f"{where}: malformed ({e})") from None
 
 
-def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu", text_encoder: str | None = None) -> Bundle:
-    """Load and check a generator folder: format, layout fingerprint, tensor shapes (strict)."""
-    path = Path(path)
+def read_meta(path: Path) -> tuple[dict, "ImageSpec", list[str]]:
+    """A generator folder's checked metadata: bundle.json (format and required keys), its image spec and
+    vocab.json. The one check of them, for loading and for routing (which reads no weights but the vocabulary)."""
     if not path.is_dir():
         raise TinaError(f"checkpoint {str(path)!r} does not exist (pass a generator folder, or 'default')")
     missing = [f for f in FILES if not (path / f).is_file()]
@@ -144,6 +144,17 @@ def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu", tex
     if meta["k_max"] < 2:
         raise TinaError(f"{mpath}: key 'k_max' must be >= 2, got {meta['k_max']}")
     image = check_image_spec(meta["image"], mpath)
+    vocab = _read_json(path / "vocab.json")
+    if not isinstance(vocab, list) or not all(isinstance(v, str) for v in vocab):
+        raise TinaError(f"{path / 'vocab.json'}: expected a list of class names")
+    return meta, image, vocab
+
+
+def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu", text_encoder: str | None = None) -> Bundle:
+    """Load and check a generator folder: format, layout fingerprint, tensor shapes (strict)."""
+    path = Path(path)
+    meta, image, vocab = read_meta(path)
+    mpath = path / "bundle.json"
     layout = _parse(ParamLayout.from_dict, _read_json(path / "layout.json"), path / "layout.json")
     if layout.fingerprint != meta["layout_fingerprint"]:
         raise TinaError(
@@ -155,9 +166,6 @@ def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu", tex
     scheduler = _read_json(path / "scheduler_config.json")
     if not isinstance(scheduler, dict):
         raise TinaError(f"{path / 'scheduler_config.json'}: expected a JSON object, got {type(scheduler).__name__}")
-    vocab = _read_json(path / "vocab.json")
-    if not isinstance(vocab, list) or not all(isinstance(v, str) for v in vocab):
-        raise TinaError(f"{path / 'vocab.json'}: expected a list of class names")
     try:
         tensors = load_file(path / "weights.safetensors", device="cpu")
     except Exception as e:  # noqa: BLE001 - safetensors raises several error types for bad files
