@@ -78,7 +78,7 @@ def related_term(name: str, rng: random.Random) -> str | None:
 
 def form_texts(form: str, classes: list[str], rng: random.Random) -> list[str] | None:
     """The class texts of a prompt form for a task (None: the form does not apply)."""
-    from evaluation.prompts import HAND_PARAPHRASES, UNRELATED_WORDS
+    from evaluation.prompts import HAND_PARAPHRASES, UNRELATED_WORDS, unrelated_words
 
     if form == "names":
         return list(classes)
@@ -93,7 +93,7 @@ def form_texts(form: str, classes: list[str], rng: random.Random) -> list[str] |
         texts[rng.randrange(len(texts))] = rng.choice(UNRELATED_WORDS)
         return texts
     if form == "unrelated":
-        return rng.sample(UNRELATED_WORDS, len(classes))
+        return unrelated_words(rng, len(classes))
     raise TinaError(f"unknown calibration form {form!r}; choose from {FORMS}")
 
 

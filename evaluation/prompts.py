@@ -48,6 +48,13 @@ UNRELATED_WORDS = (
     "vaccination", "philosophy", "earthquake", "legislation", "symphony", "erosion", "cryptography", "harvest",
 )
 
+
+def unrelated_words(rng, k: int) -> list[str]:
+    """k distinct words unrelated to any dataset; with more classes than words (clip art: k up to 32),
+    distinct two-word phrases."""
+    pool = UNRELATED_WORDS if k <= len(UNRELATED_WORDS) else [f"{a} {b}" for a in UNRELATED_WORDS for b in UNRELATED_WORDS if a != b]
+    return rng.sample(pool, k)
+
 def random_string(rng: random.Random) -> str:
     """Two pronounceable-free random 'words' of letters, e.g. 'qzvbt lorpxe'."""
     return " ".join("".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(4, 8))) for _ in range(2))
@@ -112,9 +119,7 @@ class Conditions:
         if form == "random_text":
             return [random_string(rng) for _ in classes]
         if form == "unrelated_words":
-            # More classes than words (clip art: k up to 32): distinct two-word phrases instead.
-            pool = UNRELATED_WORDS if len(classes) <= len(UNRELATED_WORDS) else [f"{a} {b}" for a in UNRELATED_WORDS for b in UNRELATED_WORDS if a != b]
-            return rng.sample(pool, len(classes))
+            return unrelated_words(rng, len(classes))
         return None
 
     def cond(self, form: str, m: dict, split_i: int, i: int) -> tuple[torch.Tensor, list[int] | None]:

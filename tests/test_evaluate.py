@@ -378,3 +378,13 @@ def test_fresh_clone_eval_names_the_zoo_to_build(tmp_path, monkeypatch, capsys):
     assert cli_main(["eval", str(CONFIGS / "fashion_mnist.yaml"), "--checkpoint", "default"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "`tina zoo build configs/zoo/fashion_mnist.yaml out=zoos/fashion_mnist`" in err
+
+
+def test_unrelated_words_are_distinct_even_for_more_classes_than_words():
+    import random
+
+    from evaluation.prompts import UNRELATED_WORDS, unrelated_words
+
+    for k in (2, len(UNRELATED_WORDS), 32):
+        words = unrelated_words(random.Random(k), k)
+        assert len(words) == k and len(set(words)) == k
