@@ -62,6 +62,7 @@ class ScalingConfig:
 def subset_zoo(zoo: Path, n: int, out: Path) -> Path:
     """A zoo holding only the first n training models (new train shards; everything else linked)."""
     from tina.data import read_manifest
+    from tina.shardio import file_sha256
 
     man = read_manifest(zoo)
     keep = man["splits"]["train"][:n]
@@ -88,6 +89,7 @@ def subset_zoo(zoo: Path, n: int, out: Path) -> Path:
     sub["splits"] = {**man["splits"], "train": keep}
     sub["shards"] = {**man["shards"], "train": [shard.name]}
     sub["counts"] = {**man.get("counts", {}), "train": len(keep)}
+    sub["shard_sha256"] = {**man.get("shard_sha256", {}), shard.name: file_sha256(shard)}
     sub["subset_of"] = {"zoo": str(zoo), "train_models": len(keep), "config_hash": man.get("config_hash")}
     (out / "manifest.json").write_text(json.dumps(sub, indent=1))
     return out

@@ -10,12 +10,13 @@ from evaluation.config import SPLIT_TITLES, load_eval_config
 from evaluation.report import results_markdown
 from evaluation.run import evaluate
 from tina.errors import TinaError
+from tina.validate import ArgumentParser
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> ArgumentParser:
     from tina.diffusion import SAMPLERS
 
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         prog="tina eval", description="Evaluate a generator on a zoo: generated models vs oracle and baselines.",
         epilog="Example: tina eval configs/eval/fashion_mnist.yaml --checkpoint runs/fashion_mnist/bundle --tasks 50")
     ap.add_argument("args", nargs="*", metavar="CONFIG|key=value",

@@ -136,6 +136,9 @@ class EvalConfig:
             raise ValueError("seeds >= 1, tasks >= 0, batch_size >= 1 and images_per_class >= 0 are required")
         if any(n < 1 for n in self.image_shots):
             raise ValueError(f"image_shots must be positive, got {self.image_shots}")
+        from tina.validate import check_sampling
+
+        check_sampling(steps=self.steps, guidance=self.guidance)  # NaN guidance would score as chance
 
 
 def load_eval_config(path: str | None = None, overrides: list[str] | tuple = ()) -> EvalConfig:

@@ -112,7 +112,9 @@ class Conditions:
         if form == "random_text":
             return [random_string(rng) for _ in classes]
         if form == "unrelated_words":
-            return rng.sample(UNRELATED_WORDS, len(classes))
+            # More classes than words (clip art: k up to 32): distinct two-word phrases instead.
+            pool = UNRELATED_WORDS if len(classes) <= len(UNRELATED_WORDS) else [f"{a} {b}" for a in UNRELATED_WORDS for b in UNRELATED_WORDS if a != b]
+            return rng.sample(pool, len(classes))
         return None
 
     def cond(self, form: str, m: dict, split_i: int, i: int) -> tuple[torch.Tensor, list[int] | None]:

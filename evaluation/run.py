@@ -21,6 +21,7 @@ from evaluation.report import results_markdown, write_plots
 from evaluation.scoring import accuracies, disagreement, flat_probs
 from evaluation.statistics import split_summary
 from tina.errors import TinaError
+from tina.validate import writable_folder
 from zoo_builder.tasks import nearest_known
 
 log = logging.getLogger(__name__)
@@ -41,8 +42,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         torch.set_num_threads(cfg.threads)
     zoo, man, tina, dataset = resolve_inputs(cfg)
     bundle, layout = tina.bundle, tina.bundle.layout
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_folder(cfg.out, "out")
     save_config(cfg, out / "eval_config.yaml")
     notes: list[str] = []
 

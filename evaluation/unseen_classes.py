@@ -17,7 +17,6 @@ the checkpoint has a projector). "Halfway" = (generated - chance) / (oracle - ch
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -28,6 +27,7 @@ import torch
 
 from tina.accuracy import task_test_set
 from tina.errors import TinaError
+from tina.validate import ArgumentParser
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def markdown(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m evaluation.unseen_classes", description=__doc__.split("\n")[0])
+    ap = ArgumentParser(prog="python -m evaluation.unseen_classes", description=__doc__.split("\n")[0])
     ap.add_argument("--zoo", required=True, help="a zoo built with tasks.held_out_classes > 0 and tasks.unseen_class > 0")
     ap.add_argument("--checkpoint", required=True, help="a generator trained on that zoo")
     ap.add_argument("--tasks", type=int, default=0, help="at most this many tasks (0 = all)")

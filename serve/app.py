@@ -1,6 +1,6 @@
 """The Gradio demo: type a task, get a classifier, try it on an image, download it.
 
-    tina demo [--checkpoint default] [--host 127.0.0.1] [--port 7860] [--share]
+    tina demo [--checkpoint default|clipart|PATH] [--host 127.0.0.1] [--port 7860] [--share]
     python -m serve ...            (the same)
 
 Layout: a prompt with examples and a Generate button (sampling settings and per-class image prompts
@@ -44,13 +44,27 @@ from tina.errors import TinaError  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-EXAMPLES = [
-    "classify sneakers vs sandals",
-    "t-shirt, pullover, coat or shirt",
-    "an open shoe held on by straps vs a warm winter coat",
-    "tell trousers from dresses",
-    "bags, sneakers and ankle boots",
-]
+EXAMPLES = {  # prompt examples per shipped checkpoint's dataset (others get some of their vocabulary)
+    "fashion-mnist": [
+        "classify sneakers vs sandals",
+        "t-shirt, pullover, coat or shirt",
+        "an open shoe held on by straps vs a warm winter coat",
+        "tell trousers from dresses",
+        "bags, sneakers and ankle boots",
+    ],
+    "clipart": [
+        "classify trees vs flowers vs fruit",
+        "road signs, safety signs or arrows",
+        "mammals, buildings, musical instruments, maps and flags",
+        "a drink or a dessert",
+        "app icons, file icons, folder icons, toolbar icons and device icons",
+    ],
+}
+
+
+def examples_for(dataset: str, vocab: list[str]) -> list[str]:
+    """The prompt examples shown for a checkpoint: its dataset's, else three of its class names."""
+    return EXAMPLES.get(dataset) or [", ".join(vocab[:3])]
 IMAGE_PROMPT_ROWS = 4  # class name + images rows in the advanced accordion
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # per image file; launch() also refuses larger uploads
 MAX_PROMPT_IMAGES = 16  # images per class prompt
@@ -118,9 +132,13 @@ class Demo:
     # ---- plain operations (raise TinaError) ----------------------------------------------------
 
     def generate(self, prompt: str | None, seed: int = 0, steps: int | None = None, guidance: float | None = None,
-                 sampler: str | None = None, image_prompts: list[tuple[str, list]] | None = None):
-        """A TargetNet for the prompt (and optional per-class image prompts), with `.classes` and `.tina_info`."""
+                 sampler: str | None = None, image_prompts: list[tuple[str, list]] | None = None, allow_unknown: bool = False):
+        """A TargetNet for the prompt (and optional per-class image prompts), with `.classes` and `.tina_info`.
+
+        Classes too far from the vocabulary are refused (TinaError, naming a shipped checkpoint that
+        knows them) unless `allow_unknown`; `.tina_info` carries the routing decision and expected accuracy."""
         from tina.prompts import MAX_PROMPT_CHARS
+        from tina.routing import prompt_classes, route
 
         prompt = str(prompt or "").strip()
         if len(prompt) > MAX_PROMPT_CHARS:
@@ -132,7 +150,29 @@ class Demo:
         seed, steps, guidance, sampler = self._check_settings(seed, steps, guidance, sampler)
         # Image rows alone name the classes; passing them as `classes` gets them checked (two or more, no repeats).
         task = self.tina.make_task(prompt or None, None if prompt else list(images), images or None)
-        return self.tina.generate_tasks([task], seed=seed, steps=steps, guidance=guidance, sampler=sampler)[0]
+        decision = route(prompt_classes(prompt or None, None if prompt else list(images)), self.bundle.path)
+        if task.assessment.unknown and not allow_unknown:
+            raise TinaError(decision.refusal([m.name for m in task.assessment.unknown]).replace("pass --allow-unknown",
+                                                                                                 "tick 'allow unknown classes'"))
+        model = self.tina.generate_tasks([task], seed=seed, steps=steps, guidance=guidance, sampler=sampler)[0]
+        model.tina_info |= {"routing": decision.info(), "allowed_unknown": bool(task.assessment.unknown),
+                            "summary": task.assessment.summary(), "resolved": task.assessment.resolved()}
+        return model
+
+    def api_generate(self, prompt: str, seed: int = 0, steps: int = 0, guidance: float = -1.0, sampler: str = "",
+                     allow_unknown: bool = False) -> dict:
+        """For scripts (`client.predict(prompt=..., api_name="/generate")`): classes, routing decision,
+        expected accuracy and warnings of the classifier the prompt gives (steps 0 / guidance < 0 /
+        sampler "": the checkpoint's defaults)."""
+        try:
+            model = self.generate(prompt, seed, steps or None, None if guidance < 0 else guidance, sampler or None,
+                                  allow_unknown=allow_unknown)
+        except TinaError as e:
+            raise gr.Error(str(e)) from None
+        info = model.tina_info
+        keys = ("classes", "routing", "expected_accuracy", "known_classes", "unknown_classes", "allowed_unknown",
+                "warnings", "seed", "steps", "sampler", "guidance")
+        return {k: info.get(k) for k in keys} | {"parameters": sum(p.numel() for p in model.parameters())}
 
     def predict(self, model, image) -> dict[str, float]:
         """Class probabilities {class: p} for one image (a path, Gradio file payload, PIL image or array)."""
@@ -178,11 +218,11 @@ class Demo:
 
     # ---- what the page calls (never raise) -----------------------------------------------------
 
-    def on_generate(self, model, prompt, seed, steps, guidance, sampler, *rows):
+    def on_generate(self, model, prompt, seed, steps, guidance, sampler, *rows, allow_unknown: bool = False):
         """→ (model state, status markdown, update hiding the old download). `rows`: class name, files, class name, files, ..."""
         image_prompts = [(rows[i], rows[i + 1]) for i in range(0, len(rows) - 1, 2)]
         try:
-            new = self.generate(prompt, seed, steps, guidance, sampler, image_prompts)
+            new = self.generate(prompt, seed, steps, guidance, sampler, image_prompts, allow_unknown=bool(allow_unknown))
         except Exception as e:  # noqa: BLE001 - the page shows a message, never a traceback
             msg = _user_message(e, "generating")
             kept = f"\n\nThe previous classifier ({', '.join(map(_md, model.classes))}) is still loaded." if model is not None else ""
@@ -256,6 +296,12 @@ class Demo:
             f"{k}-class {_md(self.bundle.target)}, {params}, generated in {info['seconds']:.2f} s "
             f"(seed {info['seed']}, {info['steps']} {info['sampler']} steps, guidance {info['guidance']:g})",
         ]
+        if info.get("routing"):
+            lines.append(f"**Checkpoint:** {_md(info['routing']['reason'])}")
+        if info.get("resolved"):
+            lines.append(f"**Known classes used:** {_md(info['resolved'])}")
+        if info.get("summary"):
+            lines.append(f"**{_md(info['summary'])}**")
         lines += [f"⚠️ {_md(w)}" for w in info.get("warnings", [])]
         return "\n\n".join(lines)
 
@@ -406,6 +452,8 @@ CSS = """
 INTRO = """# Tina: text → classifier
 Type what to tell apart. A diffusion transformer samples the weights of a small image classifier for
 exactly those classes, in the order you wrote them: no training, no data. Then try it on an image.
+Each checkpoint knows a fixed set of classes; Tina says which it used, how accurate the classifier is
+expected to be, and refuses classes it does not know.
 """
 
 
@@ -418,11 +466,14 @@ def build_blocks(demo: Demo):
         model_state = gr.State(None, time_to_live=STATE_TTL_S)
         sample_indices = gr.State([])
         gr.Markdown(INTRO)
+        kind = "greyscale" if spec.channels == 1 else "RGB"
+        gr.Markdown(f"**This checkpoint knows** ({_md(demo.bundle.dataset)}, {spec.size}×{spec.size} {kind} images): "
+                    + ", ".join(_md(c) for c in demo.bundle.vocab), elem_id="vocabulary")
         with gr.Row(equal_height=False):
             with gr.Column(scale=1):
                 prompt = gr.Textbox(label="Prompt", placeholder="classify sneakers vs sandals", lines=2, max_lines=6,
                                     elem_id="prompt", submit_btn=False)
-                gr.Examples(EXAMPLES, inputs=[prompt], label="Examples")
+                gr.Examples(examples_for(demo.bundle.dataset, demo.bundle.vocab), inputs=[prompt], label="Examples")
                 generate_btn = gr.Button("Generate classifier", variant="primary", elem_id="generate")
                 status = gr.Markdown("No classifier yet: type a prompt and press **Generate classifier**.",
                                      elem_id="status")
@@ -434,6 +485,8 @@ def build_blocks(demo: Demo):
                     guidance = gr.Slider(0.0, 10.0, value=demo.default_guidance, step=0.1,
                                          label="Guidance", info="classifier-free guidance scale; 1 = none")
                     sampler = gr.Dropdown(list(SAMPLERS), value=demo.default_sampler, label="Sampler")
+                    allow_unknown = gr.Checkbox(False, label="Allow unknown classes",
+                                                info="generate even for classes far from every known class (near-chance models)")
                 with gr.Accordion("Image prompts (advanced)", open=False):
                     gr.Markdown(
                         "Describe a class with example images instead of (or as well as) words. Each class name must "
@@ -460,10 +513,14 @@ def build_blocks(demo: Demo):
                     gallery = gr.Gallery(label="Test images", show_label=False, columns=5, height=240,
                                          allow_preview=False, format="png", object_fit="contain", elem_id="samples")
 
-        gen = dict(fn=demo.on_generate, inputs=[model_state, prompt, seed, steps, guidance, sampler, *rows],
+        def on_generate(model, prompt, seed, steps, guidance, sampler, allow, *rows):
+            return demo.on_generate(model, prompt, seed, steps, guidance, sampler, *rows, allow_unknown=allow)
+
+        gen = dict(fn=on_generate, inputs=[model_state, prompt, seed, steps, guidance, sampler, allow_unknown, *rows],
                    outputs=[model_state, status, download])
         refresh = dict(fn=demo.on_refresh_prediction, inputs=[model_state, image], outputs=[label, prediction])
-        generate_btn.click(**gen, api_name="generate").then(**refresh, show_progress="hidden")
+        generate_btn.click(**gen, api_name="generate_ui").then(**refresh, show_progress="hidden")
+        gr.api(demo.api_generate, api_name="generate")  # named arguments with defaults: a prompt is enough
         prompt.submit(**gen, api_name=False).then(**refresh, show_progress="hidden")
         # The Image input skips Gradio's decoding (preprocess=False) so that tina.images reads the file and
         # a non-image or a decompression bomb becomes a message; Gradio still checks the file was uploaded.
@@ -497,7 +554,7 @@ def launch(app, host: str = "127.0.0.1", port: int | None = 7860, share: bool = 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="tina demo", description="Start the Tina web demo (Gradio).")
-    ap.add_argument("--checkpoint", default="default", help="generator folder, or 'default'")
+    ap.add_argument("--checkpoint", default="default", help="generator folder, or a shipped name (default, fashion-mnist, clipart)")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     ap.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 to serve the network)")
     ap.add_argument("--port", type=int, default=7860)

@@ -294,11 +294,20 @@ def tiny_zoo(tmp_path_factory):
 
 
 def _samples(zoo: Path):
-    import webdataset as wds
+    """Every sample's members as stored (.npy without pickle, .json), grouped by key."""
+    import io
+    import tarfile
 
     man = json.loads((zoo / "manifest.json").read_text())
-    urls = [str(zoo / n) for split in man["shards"].values() for n in split]
-    return man, list(wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode())
+    samples = {}
+    for n in (n for split in man["shards"].values() for n in split):
+        with tarfile.open(zoo / n) as tar:
+            for m in tar:
+                key, ext = m.name.split(".", 1)
+                data = tar.extractfile(m).read()
+                s = samples.setdefault(key, {"__key__": key})
+                s[ext] = np.load(io.BytesIO(data), allow_pickle=False) if ext.endswith(".npy") else json.loads(data)
+    return man, list(samples.values())
 
 
 def test_shards_round_trip(tiny_zoo):
@@ -384,7 +393,12 @@ def test_groups_spanning_shards_build_the_same_zoo(tiny_zoo, tmp_path):
     assert ref.keys() == got.keys()
     for key, s in ref.items():
         np.testing.assert_allclose(got[key]["params.npy"], s["params.npy"], rtol=1e-4, atol=1e-5, err_msg=key)
-        assert got[key]["metrics.json"]["selection_acc"] == s["metrics.json"]["selection_acc"]
+        if s["metrics.json"]["split"] == "unseen_class":
+            # a held-out class borrows its nearest known class's row: when both are in the task their logits tie
+            # exactly, and a 1-ulp difference from another group shape breaks the tie the other way
+            assert abs(got[key]["metrics.json"]["selection_acc"] - s["metrics.json"]["selection_acc"]) <= 0.02
+        else:
+            assert got[key]["metrics.json"]["selection_acc"] == s["metrics.json"]["selection_acc"]
 
 
 def test_ranks_split_shards_and_the_last_one_finalizes(tiny_zoo, tmp_path):

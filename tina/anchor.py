@@ -33,6 +33,17 @@ from tina.layout import ParamLayout
 DEFAULT_TEMPERATURE = 0.02  # cosine gap 0.1 -> weight ratio e^5: a close paraphrase still picks its class
 
 
+def variant_similarity(cond: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """(k, V): each condition's best cosine to any prompt variant of each vocabulary class.
+
+    cond (k, E); keys (V, NV, E) or (V, E). The one similarity behind soft selection, checkpoint
+    routing and the expected-accuracy features (tina/routing.py, tina/expected.py).
+    """
+    if keys.ndim == 2:
+        keys = keys[:, None]
+    return torch.einsum("ke,vne->kvn", F.normalize(cond.float(), dim=-1), F.normalize(keys.float(), dim=-1)).amax(-1)
+
+
 @dataclass
 class SelectionAnchor:
     """The generic model in layout order: body (P_body,) and head rows (V, D+1), vocabulary order;
@@ -89,8 +100,7 @@ class SelectionAnchor:
 
     def weights(self, cond: torch.Tensor) -> torch.Tensor:
         """Soft selection (k, V) from per-class conditions (k, E)."""
-        sims = torch.einsum("ke,vne->kvn", F.normalize(cond.float(), dim=-1), self.keys).amax(-1)  # (k, V)
-        return torch.softmax(sims / self.temperature, dim=-1)
+        return torch.softmax(variant_similarity(cond, self.keys) / self.temperature, dim=-1)
 
     def soft_origin(self, weights: torch.Tensor) -> torch.Tensor:
         """flat (P,) whose head rows are weight-averaged generic rows: weights (k, V)."""

@@ -2,7 +2,7 @@
 
     tina generate "classify sneakers vs sandals"     prompt → model folder
     tina predict FOLDER img.png ...                   class and probability per image
-    tina info [CHECKPOINT]                            what a generator was trained on, and how well
+    tina info [CHECKPOINT]                            what each shipped generator knows, and how well
     tina zoo build CONFIG key=value ...               build a zoo of personalized models
     tina train CONFIG key=value ...                   train a generator on a zoo
     tina eval ...                                     generated vs oracle and baselines
@@ -23,6 +23,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on a model hub; weights are local
 
 from tina.errors import TinaError  # noqa: E402
+from tina.validate import ArgumentParser, check_args, os_error_line, printable, quoted  # noqa: E402
 
 log = logging.getLogger("tina")
 
@@ -48,27 +49,41 @@ def cmd_generate(args) -> int:
     import torch
 
     from tina.export import save_generated
+    from tina.routing import prompt_classes, route
     from tina.sample import Tina
 
     if args.prompt is None and not args.classes and not args.image:
         raise TinaError('give a prompt, e.g. tina generate "classify sneakers vs sandals", or --classes A B')
     if args.threads:
         torch.set_num_threads(args.threads)
-    tina = Tina.from_pretrained(args.checkpoint, device=args.device)
+    image_names = [item.split("=", 1)[0] for item in args.image if "=" in item]
+    decision = route(prompt_classes(args.prompt, args.classes, image_names), args.checkpoint)
+    print(f"checkpoint: {decision.reason}")
+    tina = Tina.from_pretrained(decision.card.path, device=args.device)
     images = _parse_image_prompts(args.image, tina.bundle.image) if args.image else None
     task = tina.make_task(args.prompt, args.classes, images)
-    print("classes (output order): " + ", ".join(f"{i}={c}" for i, c in enumerate(task.classes)))
+    a = task.assessment
+    if a.unknown and not args.allow_unknown:
+        raise TinaError(decision.refusal([m.name for m in a.unknown]))
+    print("classes (output order): " + ", ".join(f"{i}={printable(c)}" for i, c in enumerate(task.classes)))
+    if a.resolved():
+        print(f"known classes used: {a.resolved()}")
+    print(a.summary())
     for w in task.warnings:
-        print(f"warning: {w}", file=sys.stderr)
+        print(f"warning: {printable(w)}", file=sys.stderr)
     model = tina.generate_tasks([task], seed=args.seed, steps=args.steps, guidance=args.guidance, sampler=args.sampler)[0]
+    model.tina_info |= {"routing": decision.info(), "allowed_unknown": bool(a.unknown)}
     out = Path(args.output) if args.output else Path("generated") / _slug(task.classes)
     save_generated(model, out, formats=tuple(args.format))
     n = sum(p.numel() for p in model.parameters())
-    print(f"generated a {len(task.classes)}-class {tina.bundle.target} ({n:,} parameters) in {model.tina_info['seconds']:.2f}s -> {out}")
+    print(f"generated a {len(task.classes)}-class {tina.bundle.target} ({n:,} parameters) in {model.tina_info['seconds']:.2f}s "
+          f"-> {printable(out)}")
+    im = tina.bundle.image
+    code = (f"import torch; m = torch.export.load({str(out / 'model.pt2')!r}).module(); "
+            f"print(m(torch.rand(1, {im.channels}, {im.size}, {im.size})))")
     print("use it:")
-    print(f"  tina predict {out} image.png")
-    print(f"  python -c \"import torch; m = torch.export.load('{out}/model.pt2').module(); "
-          f"print(m(torch.rand(1, {tina.bundle.image.channels}, {tina.bundle.image.size}, {tina.bundle.image.size})))\"")
+    print(f"  tina predict {printable(quoted(out))} image.png")
+    print(f"  python -c {printable(quoted(code))}")
     return 0
 
 
@@ -84,21 +99,37 @@ def cmd_predict(args) -> int:
         probs = net(x).softmax(-1)
     for path, p in zip(args.images, probs):
         i = int(p.argmax())
-        ranked = ", ".join(f"{net.classes[j]} {p[j]:.3f}" for j in p.argsort(descending=True)[: args.top].tolist())
-        print(f"{path}: {net.classes[i]} ({p[i]:.3f})   [{ranked}]")
+        names = [printable(c) for c in net.classes]
+        ranked = ", ".join(f"{names[j]} {p[j]:.3f}" for j in p.argsort(descending=True)[: args.top].tolist())
+        print(f"{printable(path)}: {names[i]} ({p[i]:.3f})   [{ranked}]")
     return 0
 
 
 def cmd_info(args) -> int:
     from tina.bundle import load_bundle
+    from tina.routing import read_card, shipped_cards
     from tina.sample import resolve_checkpoint
 
+    if args.checkpoint is None:  # every shipped checkpoint: what it knows and how well
+        from tina.registry import ALIASES
+
+        for card in shipped_cards():
+            d = card.describe()
+            alias = [a for a, t in ALIASES.items() if t == card.name]
+            print(f"{card.name}{' (alias: ' + ', '.join(alias) + ')' if alias else ''}: {d['domain']}, "
+                  f"up to {card.k_max} classes per model")
+            print(f"  vocabulary ({len(card.vocab)}): {', '.join(card.vocab)}")
+            print(f"  quality: {d['quality']}")
+            print(f"  classes under similarity {card.threshold:.2f} to this vocabulary are refused (--allow-unknown overrides)")
+        print("details of one: tina info NAME")
+        return 0
     path = resolve_checkpoint(args.checkpoint)
     b = load_bundle(path)
     info = {"path": str(path), "target": b.target, "dataset": b.dataset, "text_encoder": b.text_encoder,
             "layout_fingerprint": b.fingerprint, "k_max": b.k_max, "vocabulary": b.vocab,
             "generator_parameters": sum(p.numel() for p in b.dit.parameters()), "image_prompts": bool(b.projector),
-            "generates": "residual from classifier selection" if b.anchor is not None else "whole weights", **b.meta}
+            "generates": "residual from classifier selection" if b.anchor is not None else "whole weights",
+            **read_card(path).describe(), **b.meta}
     print(json.dumps(info, indent=2))
     return 0
 
@@ -134,7 +165,7 @@ DELEGATED = ("zoo", "train", "eval", "demo")
 def build_parser() -> argparse.ArgumentParser:
     from tina.diffusion import SAMPLERS
 
-    ap = argparse.ArgumentParser(prog="tina", description="Text-to-model: type a task, get a working classifier.")
+    ap = ArgumentParser(prog="tina", description="Text-to-model: type a task, get a working classifier.")
     ap.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
     sub = ap.add_subparsers(dest="command", required=True)
 
@@ -143,7 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--classes", nargs="+", metavar="CLASS", help="explicit class names, in output order")
     g.add_argument("--image", action="append", default=[], metavar="CLASS=PATH",
                    help="image prompt for a class (repeat for several images or classes)")
-    g.add_argument("--checkpoint", default="default", help="generator folder, or 'default'")
+    g.add_argument("--checkpoint", default=None,
+                   help="generator folder or shipped name (default: route to the shipped checkpoint that knows the classes)")
+    g.add_argument("--allow-unknown", action="store_true",
+                   help="generate even when a class is too far from every known class (marked in config.json)")
     g.add_argument("-o", "--output", help="model folder to write (default generated/<classes>)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--steps", type=int, default=None, help="sampling steps (default: the checkpoint's)")
@@ -162,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
 
     i = sub.add_parser("info", help="describe a generator checkpoint")
-    i.add_argument("checkpoint", nargs="?", default="default")
+    i.add_argument("checkpoint", nargs="?", default=None, help="a shipped name or folder (default: list every shipped one)")
     i.set_defaults(func=cmd_info)
 
     for name, func, help_ in [
@@ -189,9 +223,20 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        check_args(args)
         return args.func(args) or 0
     except TinaError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {printable(e)}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `tina info | head -1`: the reader has what it wanted
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except OSError as e:  # a full disk, a read-only or forbidden folder: the system's one line
+        line = os_error_line(e)
+        if line is None:
+            raise
+        print(f"error: {printable(line)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -416,11 +416,8 @@ def _load_cifar(name: str, root: str | None, download: bool, verify: bool = True
 
 
 def _md5(path: str) -> str:
-    h = hashlib.md5()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "md5").hexdigest()
 
 
 class _ArraysOnlyUnpickler(pickle.Unpickler):

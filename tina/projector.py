@@ -348,7 +348,7 @@ def attach_projector(bundle_path, dataset_name: str | None = None, data_root: st
     bundle = load_bundle(path)
     dataset = load_dataset(dataset_name or bundle.meta.get("dataset_config") or bundle.dataset, data_root)
     known = set(normalize_class(n) for n in bundle.vocab)
-    if any(normalize_class(c) not in known for c in dataset.classes):
+    if known < set(normalize_class(c) for c in dataset.classes):
         # A generator whose zoo held classes out never saw them: neither may its image projector.
         dataset = dataset.subset([i for i, c in enumerate(dataset.classes) if normalize_class(c) in known])
         log.info("training the projector on the %d classes of the generator's vocabulary", len(dataset.classes))

@@ -281,8 +281,8 @@ def _wordnet_index(root: str) -> dict[str, int]:
     return index
 
 
-def _wordnet_synset(root: Path, offset: int) -> tuple[list[str], list[int], str]:
-    """(lemmas, hypernym offsets, gloss) of the noun synset at `offset`."""
+def _wordnet_record(root: Path, offset: int) -> tuple[list[str], dict[str, list[int]], str]:
+    """(lemmas, {pointer symbol: noun synset offsets}, gloss) of the noun synset at `offset`."""
     with open(root / "data.noun", "rb") as f:
         f.seek(offset)
         line = f.readline().decode("utf-8", errors="replace")
@@ -292,9 +292,43 @@ def _wordnet_synset(root: Path, offset: int) -> tuple[list[str], list[int], str]
     lemmas = [fields[4 + 2 * i].replace("_", " ").lower() for i in range(w_cnt)]
     lemmas = [re.sub(r"\(.*\)$", "", w) for w in lemmas]  # "sandal(a)" markers
     rest = fields[4 + 2 * w_cnt :]
-    p_cnt = int(rest[0])
-    hypernyms = [int(rest[1 + 4 * i + 1]) for i in range(p_cnt) if rest[1 + 4 * i] in ("@", "@i")]
-    return lemmas, hypernyms, gloss.strip()
+    pointers: dict[str, list[int]] = {}
+    for i in range(int(rest[0])):  # symbol offset pos source/target
+        symbol, target, pos = rest[1 + 4 * i : 4 + 4 * i]
+        if pos == "n":
+            pointers.setdefault(symbol, []).append(int(target))
+    return lemmas, pointers, gloss.strip()
+
+
+def _wordnet_synset(root: Path, offset: int) -> tuple[list[str], list[int], str]:
+    """(lemmas, hypernym offsets, gloss) of the noun synset at `offset`."""
+    lemmas, pointers, gloss = _wordnet_record(root, offset)
+    return lemmas, pointers.get("@", []) + pointers.get("@i", []), gloss
+
+
+@functools.cache
+def wordnet_relations(name: str) -> dict[str, list[str]] | None:
+    """WordNet's first noun sense of `name`: its other lemmas ("synonyms"), the first lemma of every
+    hypernym up to the root ("broader", nearest first) and of its direct hyponyms ("narrower").
+    None when WordNet is not installed or does not know the word."""
+    root = wordnet_dir()
+    offset = _wordnet_index(str(root)).get(name.replace(" ", "_")) if root else None
+    if offset is None:
+        return None
+    lemmas, pointers, _ = _wordnet_record(root, offset)
+    broader, frontier, seen = [], pointers.get("@", []) + pointers.get("@i", []), set()
+    while frontier:  # breadth first: the nearest hypernyms come first
+        nxt = []
+        for off in frontier:
+            if off in seen:
+                continue
+            seen.add(off)
+            up_lemmas, up, _ = _wordnet_record(root, off)
+            broader.append(up_lemmas[0])
+            nxt += up.get("@", []) + up.get("@i", [])
+        frontier = nxt
+    narrower = [_wordnet_record(root, off)[0][0] for off in pointers.get("~", []) + pointers.get("~i", [])]
+    return {"synonyms": [w for w in lemmas if w != name], "broader": broader, "narrower": narrower}
 
 
 def wordnet_descriptions(name: str) -> list[str] | None:

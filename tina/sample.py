@@ -24,25 +24,13 @@ import torch
 from tina.bundle import Bundle, load_bundle
 from tina.diffusion import make_scheduler, sample_tokens
 from tina.errors import TinaError
+from tina.expected import Assessment, assess
 from tina.prompts import parse_prompt
+from tina.registry import AUTO, resolve_checkpoint  # noqa: F401 - resolve_checkpoint is part of this module's API
 from tina.targets import TargetNet, get_target
+from tina.validate import check_sampling
 
 log = logging.getLogger(__name__)
-CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
-FAR_FROM_VOCAB = 0.5  # cosine similarity under which a class gets a vocabulary warning
-
-
-def resolve_checkpoint(name_or_path: str | Path) -> Path:
-    """'default' (or another name shipped in tina/checkpoints/) or a folder path."""
-    p = Path(name_or_path)
-    if not p.exists() and (CHECKPOINT_DIR / str(name_or_path)).is_dir():
-        return CHECKPOINT_DIR / str(name_or_path)
-    if not p.exists():
-        shipped = sorted(d.name for d in CHECKPOINT_DIR.iterdir() if d.is_dir()) if CHECKPOINT_DIR.is_dir() else []
-        raise TinaError(f"unknown checkpoint {str(name_or_path)!r}: not a folder, and not one of the shipped {shipped}")
-    return p
-
-
 @dataclass
 class Task:
     """One generation request after parsing."""
@@ -51,6 +39,7 @@ class Task:
     prompt: str
     cond: torch.Tensor  # (k, E)
     warnings: list[str] = field(default_factory=list)
+    assessment: Assessment | None = None  # matches, expected accuracy (tina/expected.py)
 
 
 def tokens_to_flat(bundle: Bundle, tokens: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -92,8 +81,18 @@ class Tina:
         self._encoder = None
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path = "default", device: str | torch.device = "cpu") -> "Tina":
+    def from_pretrained(cls, name_or_path: str | Path = "default", device: str | torch.device = "cpu",
+                        prompt: str | list[str] | None = None) -> "Tina":
+        """A shipped name ('fashion-mnist', alias 'default'), a generator folder, or "auto" with a
+        `prompt` (text or class names): the shipped checkpoint that knows its classes best (tina/routing.py)."""
         device = _check_device(device)
+        if str(name_or_path) == AUTO:
+            from tina.routing import prompt_classes, route
+
+            if prompt is None:
+                raise TinaError('Tina.from_pretrained("auto") routes by the prompt: pass prompt="cats vs dogs"')
+            classes = prompt_classes(classes=prompt) if isinstance(prompt, list) else prompt_classes(prompt)
+            name_or_path = route(classes).card.path
         tina = cls(load_bundle(resolve_checkpoint(name_or_path), device=device), device)
         # Import the default sampler's scheduler now (diffusers takes 1-2 s to import), so the
         # first generation's reported time is the generation's.
@@ -110,8 +109,8 @@ class Tina:
             self._encoder = get_text_encoder(self.bundle.text_encoder)
         return self._encoder
 
-    def embed_classes(self, classes: list[str]) -> tuple[torch.Tensor, list[str]]:
-        """(k, E) embeddings, cached ones for known names; plus warnings for far-off classes."""
+    def embed_classes(self, classes: list[str]) -> torch.Tensor:
+        """(k, E) embeddings, cached ones for known names; the encoder runs only for the others."""
         emb = [None] * len(classes)
         unknown = [i for i, c in enumerate(classes) if c.lower() not in self._vocab_index]
         for i, c in enumerate(classes):
@@ -121,15 +120,12 @@ class Tina:
             new = self.encoder.encode([classes[i] for i in unknown]).float().cpu()
             for j, i in enumerate(unknown):
                 emb[i] = new[j]
-        emb = torch.stack(emb)  # (k, E)
-        warnings = []
-        sims = emb @ self.bundle.vocab_emb.T  # (k, V)
-        for i in unknown:
-            top = sims[i].topk(min(3, sims.shape[1]))
-            if top.values[0] < FAR_FROM_VOCAB:
-                near = ", ".join(f"{self.bundle.vocab[j]} ({v:.2f})" for v, j in zip(top.values.tolist(), top.indices.tolist()))
-                warnings.append(f"class {classes[i]!r} is far from this checkpoint's vocabulary; nearest: {near}")
-        return emb, warnings
+        return torch.stack(emb)  # (k, E)
+
+    def assess(self, classes: list[str], cond: torch.Tensor, image_classes: set[str] = frozenset()) -> Assessment:
+        """What this checkpoint knows about the classes: matches, expected accuracy, warnings."""
+        keys = self.bundle.anchor.keys if self.bundle.anchor is not None else self.bundle.vocab_emb
+        return assess(classes, cond, self.bundle.vocab, keys, self.bundle.quality, image_classes)
 
     def embed_images(self, images: list[torch.Tensor]) -> torch.Tensor:
         """Mean embedding (E,) of one class's example images, (n, C, H, W) floats in [0, 1]."""
@@ -142,6 +138,8 @@ class Tina:
     def make_task(self, prompt: str | None = None, classes: list[str] | None = None, images: dict | None = None) -> Task:
         from tina.prompts import normalize_class
 
+        if classes and prompt is not None:
+            raise TinaError("give a prompt or a list of classes, not both")
         if classes:
             classes = [normalize_class(c) for c in classes]
             _check_classes(classes)
@@ -154,14 +152,16 @@ class Tina:
             raise TinaError("give a prompt, --classes or image prompts")
         if len(classes) > self.bundle.k_max:
             raise TinaError(f"{len(classes)} classes asked for, but this checkpoint supports at most {self.bundle.k_max}")
-        cond, warnings = self.embed_classes(classes)
+        cond = self.embed_classes(classes)
+        image_classes = set()
         for name, imgs in (images or {}).items():
             name = normalize_class(name)
             if name not in classes:
                 raise TinaError(f"image prompt for {name!r}, which is not one of the classes {classes}")
             cond[classes.index(name)] = self.embed_images(imgs)
-            warnings = [w for w in warnings if not w.startswith(f"class {name!r}")]
-        return Task(classes, prompt if prompt is not None else " vs ".join(classes), cond, warnings)
+            image_classes.add(name)
+        a = self.assess(classes, cond, image_classes)
+        return Task(classes, prompt if prompt is not None else " vs ".join(classes), cond, a.warnings, a)
 
     # ---- generation ---------------------------------------------------------------------------
 
@@ -170,8 +170,9 @@ class Tina:
         self, tasks: list[Task], seed: int = 0, steps: int | None = None, guidance: float | None = None, sampler: str | None = None,
     ) -> list[TargetNet]:
         """All tasks in one batched reverse process (tasks of different k are padded and masked)."""
+        check_sampling(seed, steps, guidance)
         d = self.bundle.meta.get("sampling", {})
-        steps = steps or d.get("steps", 25)
+        steps = d.get("steps", 25) if steps is None else steps
         guidance = d.get("guidance", 1.0) if guidance is None else guidance
         sampler = sampler or d.get("sampler", "ddim")
         t0 = time.perf_counter()
@@ -195,6 +196,7 @@ class Tina:
                 "prompt": t.prompt, "classes": t.classes, "seed": seed, "steps": steps, "guidance": guidance,
                 "sampler": sampler, "warnings": t.warnings, "generator_fingerprint": layout.fingerprint,
                 "checkpoint": str(self.bundle.path) if self.bundle.path else None,
+                **(t.assessment.info() if t.assessment is not None else {}),
                 "seconds": time.perf_counter() - t0,
             }
             models.append(net)

@@ -38,6 +38,10 @@ class ImageSpec:
         if self.channels not in (1, 3) or self.size < 1 or not 0 <= self.background <= 255:
             raise ValueError(f"ImageSpec needs channels 1 or 3, size >= 1 and background in [0, 255], got {self}")
 
+    def __post_init__(self):
+        if not all(s > 0 for s in self.std):  # also catches NaN: the model divides by std
+            raise TinaError(f"image std must be > 0 for every channel, got {list(self.std)}")
+
     def to_dict(self) -> dict:
         return {"channels": self.channels, "size": self.size, "mean": list(self.mean), "std": list(self.std),
                 "background": self.background, "crop": self.crop}

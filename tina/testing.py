@@ -18,7 +18,7 @@ FASHION_IMAGE = ImageSpec(1, 28, (0.286,), (0.353,), background=0)
 
 def random_bundle(path: str | Path, classes: list[str] = FASHION_CLASSES, image: ImageSpec = FASHION_IMAGE,
                   target: str = "cnn-5k", size: str = "DiT-T", text_encoder: str = "minilm", k_max: int = 10,
-                  seed: int = 0) -> Path:
+                  seed: int = 0, dataset: str = "fashion-mnist") -> Path:
     """An untrained (randomly initialised, non-zero output) generator bundle with a real vocabulary."""
     from tina.text import get_text_encoder
 
@@ -31,7 +31,7 @@ def random_bundle(path: str | Path, classes: list[str] = FASHION_CLASSES, image:
         for p in dit.parameters():
             p.add_(0.02 * torch.randn_like(p))
     bundle = Bundle(dit=dit, layout=layout, scheduler_config=scheduler_config(DiffusionConfig()), target=target, image=image,
-                    dataset="fashion-mnist", text_encoder=enc.name, k_max=k_max, vocab=list(classes),
+                    dataset=dataset, text_encoder=enc.name, k_max=k_max, vocab=list(classes),
                     vocab_emb=enc.encode(list(classes)).float(), meta={"sampling": {"steps": 10, "sampler": "ddim", "guidance": 1.0}})
     return save_bundle(bundle, path)
 

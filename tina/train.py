@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from tina.config import load_config, save_config
+from tina.config import at_least, load_config, save_config
 from tina.data import (
     AugmentConfig, ZooDataModule, fit_layout_stats, layout_from_manifest, load_anchor, load_split, read_manifest,
 )  # fmt: skip
@@ -24,6 +24,7 @@ from tina.errors import TinaError
 from tina.layout import ParamLayout
 from tina.lit_module import OptimConfig, TinaLitModule, ValConfig, validate_generated
 from tina.model import DIT_SIZES, build_dit
+from tina.validate import ArgumentParser, writable_folder
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,12 @@ class TrainerConfig:
     ckpt_every: int = 500
     seed: int = 0
     final_val_tasks: int = 100  # held-out tasks measured at the end, written into the bundle
+
+    def __post_init__(self):
+        at_least("trainer", max_steps=(self.max_steps, 1), batch_size=(self.batch_size, 1), workers=(self.workers, 0),
+                 num_nodes=(self.num_nodes, 1), grad_clip=(self.grad_clip, 0), val_every=(self.val_every, 1),
+                 log_every=(self.log_every, 1), ckpt_every=(self.ckpt_every, 1), seed=(self.seed, 0),
+                 final_val_tasks=(self.final_val_tasks, 0))
 
 
 @dataclass
@@ -119,13 +126,10 @@ def train(cfg: TrainConfig) -> Path | None:
     from tina.datasets import DatasetConfig, load_dataset
     from tina.targets import ImageSpec
 
-    out = Path(cfg.out)
     rank, world = _rank()
-    log.info("rank %d/%d: preparing (zoo %s, run %s)", rank, world, cfg.zoo, out)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-    L.seed_everything(cfg.trainer.seed, workers=True)
+    log.info("rank %d/%d: preparing (zoo %s, run %s)", rank, world, cfg.zoo, cfg.out)
+    out = writable_folder(cfg.out, "out", create=False)  # created once the zoo has passed its checks
+    L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)  # no stderr line of its own
 
     zoo = Path(cfg.zoo)
     man = read_manifest(zoo)
@@ -147,9 +151,12 @@ def train(cfg: TrainConfig) -> Path | None:
     cfg.val.split = resolve_val_split(man, cfg.val.split)
     val_models = load_split(zoo, cfg.val.split, limit=cfg.val.tasks)
     module = TinaLitModule(dit, layout, cfg.diffusion, cfg.optim, cfg.trainer.max_steps, cfg.val, val_models, dataset, man["target"],
-                          anchor)
+                          anchor, seed=cfg.trainer.seed)
     data = ZooDataModule(zoo, layout, cfg.augment, cfg.trainer.batch_size, cfg.trainer.workers, cfg.trainer.seed, anchor)
 
+    if rank == 0:  # only rank zero writes
+        writable_folder(out, "out")
+        save_config(cfg, out / "config.yaml")
     precision = cfg.trainer.precision
     if precision == "auto":
         precision = "bf16-mixed" if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda") else "32-true"
@@ -202,7 +209,7 @@ def train(cfg: TrainConfig) -> Path | None:
             "metrics": {"split": cfg.val.split, "tasks": len(final_models), **metrics},
             "training": {"steps": int(trainer.global_step), "seconds": round(seconds, 1), "device": str(precision) + " " + (
                 torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"), "generator_size": cfg.generator.size,
-                "zoo": str(zoo), "zoo_models": int(man["counts"].get("train", 0)), "zoo_config_hash": man.get("config_hash")},
+                "zoo": str(zoo), "zoo_models": data.num_models, "zoo_config_hash": man.get("config_hash")},
         },
     )
     path = save_bundle(bundle, out / "bundle", config_yaml=(out / "config.yaml").read_text())
@@ -211,9 +218,7 @@ def train(cfg: TrainConfig) -> Path | None:
 
 
 def main(argv: list[str]) -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="tina train", description="Train a generator on a zoo and export a bundle.")
+    ap = ArgumentParser(prog="tina train", description="Train a generator on a zoo and export a bundle.")
     ap.add_argument("config", help="YAML config (configs/train/*.yaml)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.max_steps=100")
     args = ap.parse_args(argv)

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from tina.config import config_hash, load_config, save_config
 from tina.errors import TinaError
 from tina.layout import ParamLayout, layout_for
+from tina.validate import ArgumentParser, writable_folder
 from zoo_builder import fit, generic
 from zoo_builder.config import ZooConfig, identity, identity_hash
 from zoo_builder.shards import (
@@ -181,8 +182,7 @@ def build(cfg: ZooConfig, rank: int = 0, world_size: int = 1) -> dict | None:
 
     if not 0 <= rank < world_size:
         raise TinaError(f"rank must be in [0, world_size), got rank={rank} world_size={world_size}")
-    zoo = Path(cfg.out)
-    zoo.mkdir(parents=True, exist_ok=True)
+    zoo = writable_folder(cfg.out, "out", create=False)  # created once the config has passed its checks
     device = cfg.runtime.resolved_device()
     threads, workers = cfg.runtime.resolved_threads(), cfg.runtime.resolved_workers(device)
     torch.set_num_threads(threads)
@@ -191,6 +191,9 @@ def build(cfg: ZooConfig, rank: int = 0, world_size: int = 1) -> dict | None:
 
     log.info("rank %d/%d: loading %s", rank, world_size, cfg.dataset.name)
     dataset = load_dataset(cfg.dataset)
+    if cfg.tasks.k_max > len(dataset.classes):
+        raise TinaError(f"tasks.k_max={cfg.tasks.k_max} exceeds the {len(dataset.classes)} classes of {cfg.dataset.name}")
+    writable_folder(zoo, "out")
     layout = layout_for(cfg.target, dataset.image, cfg.token_size)
     plan_path = zoo / PLAN
     if rank == 0 and not (zoo / VOCAB).is_file():
@@ -271,7 +274,7 @@ def _wait_for_plan(plan_path: Path, cfg: ZooConfig, layout: ParamLayout) -> dict
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: `build CONFIG [key=value ...] [--rank R --world-size W]`. TinaError -> message, exit 2."""
-    ap = argparse.ArgumentParser(prog="python -m zoo_builder", description="Build a zoo of personalized models.")
+    ap = ArgumentParser(prog="python -m zoo_builder", description="Build a zoo of personalized models.")
     sub = ap.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="build or resume a zoo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     b.add_argument("config", help="a YAML file, e.g. configs/zoo/fashion_mnist.yaml")
