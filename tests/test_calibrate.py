@@ -10,13 +10,15 @@ import pytest
 
 from evaluation.calibrate import check, fit_predictor, form_texts, main, related_term
 from tina.errors import TinaError
-from tina.expected import FEATURES
+from tina.expected import BIN_FEATURE, FEATURES
 
 TINY_ZOO = str(Path(__file__).parent.parent / "configs" / "zoo" / "tiny.yaml")
 
 
 def _row(acc, k, sim, split="val", form="names"):
-    feats = dict.fromkeys(FEATURES, 0.0) | {"min_sim": sim, "log_k": math.log(k - 1), "logit_structured": 2.0}
+    exact = float(sim == 1.0)
+    feats = dict.fromkeys(FEATURES, 0.0) | {"exact_frac": exact, "log_k": math.log(k - 1), "logit_structured": 2.0 if exact else -2.0,
+                                            BIN_FEATURE: 0.0 if exact else 0.2}
     return {"accuracy": acc, "k": k, "features": feats, "form": form, "split": split}
 
 

@@ -33,7 +33,8 @@ QUALITY_FORMAT = "tina-quality/1"
 QUALITY_FILE = "quality.json"
 DEFAULT_UNKNOWN_SIMILARITY = 0.5  # without a calibration: the pre-calibration vocabulary warning's cut
 NEAR_CHANCE = 0.3  # warn when the expected accuracy covers less than this share of the way from chance to 1
-FEATURES = ("logit_structured", "log_k", "min_sim", "min_margin", "collision_frac")
+FEATURES = ("logit_structured", "log_k", "exact_frac")  # chosen by 5-fold cross-validation on the fit rows
+BIN_FEATURE = "resolution_uncertainty"  # range widths differ by how sure the class resolution is
 EPS = 1e-3
 
 
@@ -134,6 +135,8 @@ def task_features(matches: list[ClassMatch], pair_recall: list[list[float | None
         "structured": structured,
         "logit_structured": _logit((structured - 1 / k) / (1 - 1 / k)),
         "log_k": math.log(k - 1),
+        "exact_frac": sum(m.exact for m in matches) / k,
+        "resolution_uncertainty": sum(pi * (1 - pi) for pi in p) / k,
         "min_sim": min(sims),
         "min_margin": min(margins),
         "collision_frac": (k - len(set(ids))) / k,
@@ -147,12 +150,12 @@ def predictor_eta(predictor: dict, feats: dict[str, float]) -> float:
 
 
 def predict(predictor: dict, feats: dict[str, float], k: int) -> tuple[float, float, float]:
-    """(expected accuracy, low, high): the 80% range from residual quantiles in the predicted-value bin."""
+    """(expected accuracy, low, high): the 80% range from residual quantiles of the task's bin of
+    predictor["bin_feature"] (the resolution uncertainty)."""
     eta = predictor_eta(predictor, feats)
     chance = 1.0 / k
-    z = 1 / (1 + math.exp(-eta))
-    bins = predictor["bins"]
-    b = next((b for b in bins if z <= b["upto"]), bins[-1])
+    bins, key = predictor["bins"], feats[predictor["bin_feature"]]
+    b = next((b for b in bins if key <= b["upto"]), bins[-1])
     to_acc = lambda e: chance + (1 - chance) / (1 + math.exp(-e))  # noqa: E731
     return to_acc(eta), to_acc(eta + b["low"]), to_acc(eta + b["high"])
 
