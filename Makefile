@@ -16,7 +16,7 @@ apt:
 		if [ -n "$$missing" ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; fi; \
 	else \
 		echo "note: not root or no apt-get; for the datasets install: sudo apt-get install $(APT_PACKAGES) $(EXTRA_APT)"; \
-		echo "      (or point Tina at your own copies with --data-root / TINA_FASHION_MNIST / TINA_CLIPART)"; \
+		echo "      (or point Tina at your own copies with dataset.root=PATH / TINA_FASHION_MNIST / TINA_CLIPART)"; \
 	fi
 
 setup: apt
@@ -41,7 +41,7 @@ train:
 checkpoint: zoo train
 	$(PYTHON) -m tina.projector runs/fashion_mnist/bundle
 	$(PYTHON) -m tina.bundle runs/fashion_mnist/bundle tina/checkpoints/fashion-mnist --half
-	nice -n 15 $(PYTHON) -m tina.calibrate fashion-mnist --zoo-config configs/zoo/fashion_mnist.yaml
+	nice -n 15 $(PYTHON) -m evaluation.calibrate fashion-mnist --zoo-config configs/zoo/fashion_mnist.yaml
 eval:
 	tina eval configs/eval/fashion_mnist.yaml --checkpoint default
 bench:

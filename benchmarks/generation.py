@@ -7,7 +7,7 @@
   cold    `python -m tina.cli generate` as a fresh subprocess: process start → model folder written
           (median of >= 3 runs); the child's peak memory from getrusage(RUSAGE_CHILDREN).
   fine-tune  the same task's generated model is scored on real test images; then the zoo builder's recipe
-          (tina.evaluate.finetune_curve: Adam, the zoo's lr schedule and batch, from classifier selection) is timed
+          (evaluation.finetune.finetune_curve: Adam, the zoo's lr schedule and batch, from classifier selection) is timed
           for growing budgets until one reaches that accuracy (at most the zoo's own steps, the oracle's
           budget). Needs the zoo (from --zoo or the checkpoint's training record).
 Goals (2-core CPU): warm <= 1 s, cold <= 5 s. Without a trained checkpoint an untrained random generator
@@ -113,10 +113,11 @@ def finetune_same_accuracy(tina, zoo: str, task: dict, images_per_class: int = 3
     from tina.accuracy import accuracy, task_test_set
     from tina.data import read_manifest
     from tina.datasets import load_dataset
-    from tina.evaluate import finetune_curve, selection_flat
+    from evaluation.baselines import selection_flat
+    from evaluation.finetune import finetune_curve
 
     man = read_manifest(zoo)
-    dataset = load_dataset(man["dataset"]["name"], man["dataset"].get("root"))
+    dataset = load_dataset(man["dataset"])
     x, y = task_test_set(dataset, task["class_ids"], images_per_class)
     t0 = time.perf_counter()
     net = tina.generate(classes=list(task["classes"]), seed=0)

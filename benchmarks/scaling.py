@@ -8,7 +8,7 @@
 Zoo size: a generator of `base_size` is trained on the first fraction f of the zoo's training models (a
 subset zoo: a copy of the manifest and new train shards holding those models; every other file is linked)
 with the same step budget. Generator size: each size is trained on the whole zoo. Every generator is
-evaluated by tina.evaluate on the SAME held-out tasks of the full zoo (`split`, class-name prompts, `seeds`
+evaluated by the evaluation package on the SAME held-out tasks of the full zoo (`split`, class-name prompts, `seeds`
 seeds) beside the zoo's oracle and classifier selection. Outputs in OUT: scaling.json,
 scaling_zoo_size.png, scaling_generator_size.png; trained runs are kept under OUT/runs and reused.
 """
@@ -62,6 +62,7 @@ class ScalingConfig:
 def subset_zoo(zoo: Path, n: int, out: Path) -> Path:
     """A zoo holding only the first n training models (new train shards; everything else linked)."""
     from tina.data import read_manifest
+    from tina.shardio import file_sha256
 
     man = read_manifest(zoo)
     keep = man["splits"]["train"][:n]
@@ -88,6 +89,7 @@ def subset_zoo(zoo: Path, n: int, out: Path) -> Path:
     sub["splits"] = {**man["splits"], "train": keep}
     sub["shards"] = {**man["shards"], "train": [shard.name]}
     sub["counts"] = {**man.get("counts", {}), "train": len(keep)}
+    sub["shard_sha256"] = {**man.get("shard_sha256", {}), shard.name: file_sha256(shard)}
     sub["subset_of"] = {"zoo": str(zoo), "train_models": len(keep), "config_hash": man.get("config_hash")}
     (out / "manifest.json").write_text(json.dumps(sub, indent=1))
     return out
@@ -149,7 +151,7 @@ def train_one(cfg: ScalingConfig, zoo: Path, size: str, name: str) -> tuple[Path
 
 
 def score(cfg: ScalingConfig, bundle: Path, zoo: Path, name: str) -> dict:
-    from tina.evaluate import evaluate, load_eval_config
+    from evaluation import evaluate, load_eval_config
 
     overrides = [f"checkpoint={bundle}", f"zoo={zoo}", f"out={Path(cfg.out) / 'evals' / name}", f"splits=[{cfg.split}]",
                  "forms=[names]", "image_shots=[]", "baselines=[oracle,selection]", "finetune.tasks=0", "plots=false",

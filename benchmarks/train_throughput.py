@@ -127,7 +127,7 @@ def data_pipeline(zoo: str, batch_size: int = 64, batches: int = 20) -> dict:
     loader = torch.utils.data.DataLoader(ZooStream(shard_urls(zoo, man, "train"), layout, AugmentConfig(), seed=0),
                                          batch_size=batch_size, collate_fn=partial(collate, layout=layout))
     it = iter(loader)
-    next(it)  # opening shards, filling the shuffle buffer
+    next(it)  # opening and hashing shards
     t0 = time.perf_counter()
     for _ in range(batches):
         next(it)

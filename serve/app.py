@@ -1,6 +1,6 @@
 """The Gradio demo: type a task, get a classifier, try it on an image, download it.
 
-    tina demo [--checkpoint default] [--host 127.0.0.1] [--port 7860] [--share]
+    tina demo [--checkpoint default|clipart|PATH] [--host 127.0.0.1] [--port 7860] [--share]
     python -m serve ...            (the same)
 
 Layout: a prompt with examples and a Generate button (sampling settings and per-class image prompts
@@ -44,13 +44,27 @@ from tina.errors import TinaError  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-EXAMPLES = [
-    "classify sneakers vs sandals",
-    "t-shirt, pullover, coat or shirt",
-    "an open shoe held on by straps vs a warm winter coat",
-    "tell trousers from dresses",
-    "bags, sneakers and ankle boots",
-]
+EXAMPLES = {  # prompt examples per shipped checkpoint's dataset (others get some of their vocabulary)
+    "fashion-mnist": [
+        "classify sneakers vs sandals",
+        "t-shirt, pullover, coat or shirt",
+        "an open shoe held on by straps vs a warm winter coat",
+        "tell trousers from dresses",
+        "bags, sneakers and ankle boots",
+    ],
+    "clipart": [
+        "classify trees vs flowers vs fruit",
+        "road signs, safety signs or arrows",
+        "mammals, buildings, musical instruments, maps and flags",
+        "a drink or a dessert",
+        "app icons, file icons, folder icons, toolbar icons and device icons",
+    ],
+}
+
+
+def examples_for(dataset: str, vocab: list[str]) -> list[str]:
+    """The prompt examples shown for a checkpoint: its dataset's, else three of its class names."""
+    return EXAMPLES.get(dataset) or [", ".join(vocab[:3])]
 IMAGE_PROMPT_ROWS = 4  # class name + images rows in the advanced accordion
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # per image file; launch() also refuses larger uploads
 MAX_PROMPT_IMAGES = 16  # images per class prompt
@@ -69,8 +83,8 @@ class Sample:
     label: str  # true class name
 
 
-def _load_dataset(name: str):
-    """The checkpoint's dataset via tina.datasets (imported late: only the sample gallery needs it)."""
+def _load_dataset(name):
+    """The checkpoint's dataset (a name or the zoo's record of it) via tina.datasets (imported late: only the sample gallery needs it)."""
     try:
         from tina.datasets import load_dataset
     except ImportError as e:
@@ -359,7 +373,7 @@ class Demo:
         with self._dataset_lock:
             if self._dataset is None and self._dataset_error is None:
                 try:
-                    self._dataset = self._dataset_loader(self.bundle.dataset)
+                    self._dataset = self._dataset_loader(self.bundle.meta.get("dataset_config") or self.bundle.dataset)
                 except TinaError as e:
                     self._dataset_error = str(e)
                 except Exception as e:  # noqa: BLE001 - a broken dataset must not break the demo
@@ -459,7 +473,7 @@ def build_blocks(demo: Demo):
             with gr.Column(scale=1):
                 prompt = gr.Textbox(label="Prompt", placeholder="classify sneakers vs sandals", lines=2, max_lines=6,
                                     elem_id="prompt", submit_btn=False)
-                gr.Examples(EXAMPLES, inputs=[prompt], label="Examples")
+                gr.Examples(examples_for(demo.bundle.dataset, demo.bundle.vocab), inputs=[prompt], label="Examples")
                 generate_btn = gr.Button("Generate classifier", variant="primary", elem_id="generate")
                 status = gr.Markdown("No classifier yet: type a prompt and press **Generate classifier**.",
                                      elem_id="status")
@@ -540,7 +554,7 @@ def launch(app, host: str = "127.0.0.1", port: int | None = 7860, share: bool = 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="tina demo", description="Start the Tina web demo (Gradio).")
-    ap.add_argument("--checkpoint", default="default", help="generator folder, or 'default'")
+    ap.add_argument("--checkpoint", default="default", help="generator folder, or a shipped name (default, fashion-mnist, clipart)")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     ap.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 to serve the network)")
     ap.add_argument("--port", type=int, default=7860)

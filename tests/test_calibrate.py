@@ -1,4 +1,4 @@
-"""The calibration command (tina/calibrate.py): measure, fit, check, write a quality.json Tina then uses."""
+"""The calibration command (evaluation/calibrate.py): measure, fit, check, write a quality.json Tina then uses."""
 
 import json
 import math
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tina.calibrate import check, fit_predictor, form_texts, main, related_term
+from evaluation.calibrate import check, fit_predictor, form_texts, main, related_term
 from tina.errors import TinaError
 from tina.expected import BIN_FEATURE, FEATURES
 
@@ -56,9 +56,9 @@ def test_calibrate_writes_a_quality_file_the_generator_uses(random_generator, tm
     assert main(args) == 0
     q = json.loads((gen / "quality.json").read_text())
     assert q["fit"]["splits"] == ["unseen_class"] and q["check"]["split"] == "unseen_combo"  # tiny zoo: no val split
-    assert (gen / "quality_rows.json").is_file() and "resolution" in q["predictor"]
+    assert (gen / "quality_rows.json").is_file() and "resolution" in q["predictor"]  # None when the fit has no unknown classes
     assert len(q["pair_recall"]) == 10 and q["pair_recall"][0][0] is None and 0 <= q["pair_recall"][0][1] <= 1
-    assert "tina.calibrate" in q["command"] and q["check"]["rows"] > 0
+    assert "evaluation.calibrate" in q["command"] and q["check"]["rows"] > 0
     a = Tina.from_pretrained(gen).make_task("coat vs bag").assessment
     assert a.expected is not None and a.low <= a.expected <= a.high
     assert main([*args, "--refit"]) == 0  # refit from the stored measurements, no generation

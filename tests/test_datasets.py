@@ -19,9 +19,11 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from tina import images
 from tina import datasets as D
 from tina.datasets import ClassRule, ClipartCuration, ImageDataset, build_clipart, load_dataset
 from tina.errors import TinaError
+from tina.images import render
 from tina.targets import ImageSpec
 
 HAVE_FMNIST = D._find_idx_files(os.environ.get("TINA_FASHION_MNIST") or D.FASHION_MNIST_ROOT) is not None
@@ -139,7 +141,7 @@ def test_fashion_mnist_from_a_given_root_and_env(tmp_path, monkeypatch):
 def test_fashion_mnist_missing_root_says_how_to_fix(tmp_path):
     with pytest.raises(TinaError) as err:
         load_dataset("fashion-mnist", root=str(tmp_path / "nowhere"))
-    assert "apt-get install dataset-fashion-mnist" in str(err.value) and "--data-root" in str(err.value)
+    assert "apt-get install dataset-fashion-mnist" in str(err.value) and "dataset.root=PATH" in str(err.value)
 
 
 def test_fashion_mnist_fallback_download_never_hangs(tmp_path, monkeypatch):
@@ -160,7 +162,7 @@ def test_fashion_mnist_fallback_download_never_hangs(tmp_path, monkeypatch):
 
     monkeypatch.setattr(D, "_reachable", lambda host, port, timeout=3.0: True)  # online, but it fails
     monkeypatch.setattr(torchvision.datasets, "FashionMNIST", BrokenFashionMNIST)
-    with pytest.raises(TinaError, match="--data-root"):
+    with pytest.raises(TinaError, match="dataset.root=PATH"):
         load_dataset("fashion-mnist")
 
 
@@ -207,10 +209,10 @@ def test_dataset_checks_its_arrays():
 def test_unknown_names_and_missing_data(tmp_path):
     with pytest.raises(TinaError, match="clipart"):
         load_dataset("mnist")
-    with pytest.raises(TinaError, match="--download"):
+    with pytest.raises(TinaError, match="dataset.download=true"):
         load_dataset("cifar10", root=str(tmp_path))
-    (tmp_path / "cifar-100-python").mkdir()  # present but empty: torchvision's integrity check fails
-    with pytest.raises(TinaError, match="cannot load cifar100"):
+    (tmp_path / "cifar-100-python").mkdir()  # present but empty
+    with pytest.raises(TinaError, match="cifar-100-python/train is missing"):
         load_dataset("cifar100", root=str(tmp_path))
     with pytest.raises(TinaError, match="apt-get install openclipart-png"):
         load_dataset("clipart", root=str(tmp_path / "nowhere"))
@@ -224,7 +226,7 @@ def test_render_composites_alpha_on_white_and_keeps_aspect(tmp_path):
     im = np.zeros((50, 100, 4), dtype=np.uint8)  # black RGB everywhere, opaque only in a red band
     im[10:40, :, :] = (255, 0, 0, 255)
     Image.fromarray(im, "RGBA").save(tmp_path / "band.png")
-    out = D.render_image(str(tmp_path / "band.png"), size=32, crop=False)
+    out = render(str(tmp_path / "band.png"), D.render_frame(32))
     assert out.shape == (32, 32, 3) and out.dtype == np.uint8
     assert (out[:8] == 255).all() and (out[-8:] == 255).all()  # 2:1 image: padded top and bottom
     assert out[..., 0].min() > 200  # only white and red: the black under alpha 0 never bled in
@@ -235,8 +237,8 @@ def test_render_crops_to_the_drawing(tmp_path):
     im = np.zeros((200, 200, 4), dtype=np.uint8)
     im[90:110, 80:120] = (0, 0, 200, 255)  # a small blue bar in a big transparent canvas
     Image.fromarray(im, "RGBA").save(tmp_path / "small.png")
-    loose = D.render_image(str(tmp_path / "small.png"), crop=False)
-    tight = D.render_image(str(tmp_path / "small.png"), crop=True)
+    loose = render(str(tmp_path / "small.png"), D.render_frame(32))
+    tight = render(str(tmp_path / "small.png"), D.render_frame(32, crop=True))
     blue = lambda x: ((x[..., 2] > 150) & (x[..., 0] < 100)).sum()  # noqa: E731
     assert blue(loose) < 40 and blue(tight) > 400  # 40x20 fills the 32 px width when cropped
 
@@ -245,15 +247,15 @@ def test_render_in_bands_matches_one_pass(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     im = rng.integers(0, 256, (900, 700, 4), dtype=np.uint8)
     Image.fromarray(im, "RGBA").save(tmp_path / "noise.png")
-    whole = D.render_image(str(tmp_path / "noise.png"))
-    monkeypatch.setattr(D, "_BAND_PIXELS", 20_000)  # forces ~30 bands
-    banded = D.render_image(str(tmp_path / "noise.png"))
+    whole = render(str(tmp_path / "noise.png"), D.render_frame(32, crop=True), 10**9)
+    monkeypatch.setattr(images, "_BAND_PIXELS", 20_000)  # forces ~30 bands
+    banded = render(str(tmp_path / "noise.png"), D.render_frame(32, crop=True), 10**9)
     assert np.array_equal(whole, banded)
 
 
 def test_render_refuses_images_over_the_pixel_budget(tmp_path):
     Image.new("L", (300, 300), 0).save(tmp_path / "big.png")
-    img, err = D._render_job((str(tmp_path / "big.png"), 32, True, 50_000))
+    img, err = D._render_job((str(tmp_path / "big.png"), D.render_frame(32, crop=True), 50_000))
     assert img is None and "budget" in err
     assert D.Image.MAX_IMAGE_PIXELS != 50_000  # the limit is restored after the job
 
@@ -404,7 +406,7 @@ def test_imagefolder_renders_and_splits(tmp_path):
 def test_imagefolder_errors(tmp_path):
     with pytest.raises(TinaError, match="does not exist"):
         load_dataset("imagefolder", root=str(tmp_path / "nowhere"))
-    with pytest.raises(TinaError, match="--data-root"):
+    with pytest.raises(TinaError, match="dataset.root=PATH"):
         load_dataset("imagefolder")
     (tmp_path / "empty").mkdir()
     with pytest.raises(TinaError, match="subfolder"):

@@ -44,7 +44,8 @@ def test_training_writes_a_loadable_bundle_with_metrics(tiny_run):
         assert key in meta["metrics"]
     assert (tiny_run / "config.yaml").is_file() and (bundle / "config.yaml").is_file()
     tina = Tina.from_pretrained(bundle)
-    assert tina.bundle.anchor is not None and tina.bundle.anchor.num_classes == 10  # residual=true by default
+    # residual=true by default; the tiny zoo holds 2 of 10 classes out of everything, the anchor too
+    assert tina.bundle.anchor is not None and tina.bundle.anchor.num_classes == 8
     model = tina.generate("coat vs bag", steps=3)
     assert model(torch.rand(2, 1, 28, 28)).shape == (2, 2)
 
@@ -121,3 +122,50 @@ def test_validation_measures_generated_oracle_and_selection_on_the_same_images(t
         select.append(accuracy(assemble(b.target, ds.image, b.layout, b.anchor.origin(mm["class_ids"]), mm["classes"]), x, y))
     assert m["oracle_acc"] == pytest.approx(sum(oracle) / 3)
     assert m["selection_acc"] == pytest.approx(sum(select) / 3)
+
+
+# ---- distributed runs: only rank zero validates and writes ---------------------------------------
+
+
+def test_only_rank_zero_writes_the_run_config(tmp_path, monkeypatch):
+    import tina.train as T
+    from tina.config import load_config
+    from tina.errors import TinaError
+
+    cfg = load_config(T.TrainConfig, None, [f"zoo={tmp_path / 'no-zoo'}", f"out={tmp_path / 'run'}"])
+    monkeypatch.setattr(T, "_rank", lambda: (1, 2))
+    with pytest.raises(TinaError):  # the missing zoo stops both ranks, after the config step
+        T.train(cfg)
+    assert not (tmp_path / "run" / "config.yaml").exists()
+    monkeypatch.setattr(T, "_rank", lambda: (0, 2))
+    with pytest.raises(TinaError):
+        T.train(cfg)
+    # rank zero writes its config only once the zoo has passed its checks: a bad zoo leaves nothing behind
+    # (test_training_writes_a_loadable_bundle_with_metrics checks the config of a run that trains)
+    assert not (tmp_path / "run").exists()
+
+
+def test_only_rank_zero_validates(monkeypatch):
+    from types import SimpleNamespace
+
+    import tina.lit_module as M
+
+    calls = []
+    monkeypatch.setattr(M, "validate_generated", lambda *a, **k: calls.append(1) or {})
+    for zero in (False, True):
+        fake = SimpleNamespace(val_models=[{}], dataset=object(), trainer=SimpleNamespace(sanity_checking=False, is_global_zero=zero),
+                               ema=None, layout=None, sched_config=None, target=None, val_cfg=None, diffusion=None,
+                               anchor=None, global_step=0, log=lambda *a, **k: None)
+        M.TinaLitModule.on_validation_epoch_end(fake)
+    assert calls == [1]
+
+
+def test_bundle_line_printed_once_by_rank_zero(tmp_path, monkeypatch, capsys):
+    import tina.train as T
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("out: x\n")
+    monkeypatch.setattr(T, "train", lambda c: None)  # another rank: nothing to report
+    assert T.main([str(cfg)]) == 0 and "generator bundle" not in capsys.readouterr().out
+    monkeypatch.setattr(T, "train", lambda c: tmp_path / "bundle")
+    assert T.main([str(cfg)]) == 0 and capsys.readouterr().out.count("generator bundle:") == 1

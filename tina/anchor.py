@@ -47,35 +47,53 @@ def variant_similarity(cond: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
 @dataclass
 class SelectionAnchor:
     """The generic model in layout order: body (P_body,) and head rows (V, D+1), vocabulary order;
-    keys (V, NV, E): unit text embeddings of each class's prompt variants, for soft selection."""
+    keys (V, NV, E): unit text embeddings of each class's prompt variants, for soft selection;
+    ids (V,): the dataset class id of each row (a zoo with strictly held-out classes leaves them out
+    of the vocabulary, so row v need not be class v; None = row v is class v)."""
 
     body: torch.Tensor
     rows: torch.Tensor
     keys: torch.Tensor
     temperature: float = DEFAULT_TEMPERATURE
+    ids: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.keys.ndim == 2:  # one key per class
             self.keys = self.keys[:, None]
         self.keys = F.normalize(self.keys.float(), dim=-1)
+        if self.ids is not None:
+            self.ids = torch.as_tensor(self.ids, dtype=torch.long)
+            if self.ids.shape != (self.rows.shape[0],) or len(set(self.ids.tolist())) != len(self.ids) or int(self.ids.min()) < 0:
+                raise TinaError(f"the anchor's class ids must be {self.rows.shape[0]} distinct ids >= 0")
 
     @classmethod
     def from_generic(cls, layout: ParamLayout, generic: dict[str, torch.Tensor], keys: torch.Tensor,
-                     temperature: float = DEFAULT_TEMPERATURE) -> "SelectionAnchor":
-        """From the generic model's state dict (its head has one row per vocabulary class)."""
+                     temperature: float = DEFAULT_TEMPERATURE, held_out: list[int] = ()) -> "SelectionAnchor":
+        """From the generic model's state dict (its head has one row per dataset class); `held_out`
+        classes (never trained, never named to the generator) are left out of the vocabulary."""
         flat = layout.flatten(generic)
         V = layout.num_classes(flat)
         if keys.shape[0] != V:
             raise TinaError(f"{keys.shape[0]} classes of prompt embeddings for a generic model with {V} classes")
-        return cls(flat[: layout.body_size].clone(), flat[layout.body_size :].reshape(V, layout.head_dim).clone(), keys, temperature)
+        rows = flat[layout.body_size :].reshape(V, layout.head_dim)
+        if not held_out:
+            return cls(flat[: layout.body_size].clone(), rows.clone(), keys, temperature)
+        known = torch.tensor([c for c in range(V) if c not in set(int(h) for h in held_out)])
+        return cls(flat[: layout.body_size].clone(), rows[known].clone(), keys[known], temperature, ids=known)
 
     @property
     def num_classes(self) -> int:
         return self.rows.shape[0]
 
     def origin(self, ids: torch.Tensor | list[int]) -> torch.Tensor:
-        """flat (P,) of classifier selection for vocabulary ids (k,), in task order."""
+        """flat (P,) of classifier selection for dataset class ids (k,), in task order."""
         ids = torch.as_tensor(ids, dtype=torch.long)
+        if self.ids is not None:  # dataset id -> row; a class outside the vocabulary has no row
+            lookup = {int(c): v for v, c in enumerate(self.ids.tolist())}
+            missing = [int(c) for c in ids.tolist() if int(c) not in lookup]
+            if missing:
+                raise TinaError(f"class ids {missing} are not in this anchor's vocabulary")
+            ids = torch.tensor([lookup[int(c)] for c in ids.tolist()], dtype=torch.long)
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_classes):
             raise TinaError(f"class ids {ids.tolist()} are outside this anchor's {self.num_classes} classes")
         return torch.cat([self.body, self.rows[ids].reshape(-1)])
@@ -91,7 +109,10 @@ class SelectionAnchor:
     # ---- bundle storage (safetensors tensors + JSON settings) ----------------------------------
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"body": self.body.contiguous(), "rows": self.rows.contiguous(), "keys": self.keys.contiguous()}
+        out = {"body": self.body.contiguous(), "rows": self.rows.contiguous(), "keys": self.keys.contiguous()}
+        if self.ids is not None:
+            out["ids"] = self.ids.contiguous()
+        return out
 
     @classmethod
     def from_tensors(cls, layout: ParamLayout, tensors: dict[str, torch.Tensor], temperature: float) -> "SelectionAnchor":
@@ -103,4 +124,5 @@ class SelectionAnchor:
                             f"layout {layout.fingerprint} needs ({layout.body_size},), (V, {layout.head_dim})")  # fmt: skip
         if keys.ndim != 3 or keys.shape[0] != rows.shape[0]:
             raise TinaError(f"the checkpoint's anchor keys have shape {tuple(keys.shape)}, expected ({rows.shape[0]}, variants, E)")
-        return cls(body.float(), rows.float(), keys.float(), float(temperature))
+        ids = tensors.get("ids")
+        return cls(body.float(), rows.float(), keys.float(), float(temperature), ids=None if ids is None else ids.long())

@@ -12,7 +12,7 @@
                              classifier-selection anchor ("anchor.*", when the DiT generates residuals)
       vocab.json             class names of the vocabulary, in the order of vocab.names
       quality.json           optional: the calibration behind expected accuracies (tina/expected.py,
-                             written by python -m tina.calibrate), checked against vocab and layout
+                             written by python -m evaluation.calibrate), checked against vocab and layout
 
 Nothing is unpickled: safetensors and JSON only.
 """
@@ -29,16 +29,18 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tina.anchor import SelectionAnchor
-from tina.atomic import atomic_folder
+from tina.atomic import FolderKind, atomic_folder
 from tina.expected import QUALITY_FILE, load_quality
 from tina.errors import TinaError
 from tina.layout import ParamLayout
 from tina.model import DiT, DiTConfig
 from tina.targets import ImageSpec
+from tina.validate import check_image_spec, check_state, json_field
 
 log = logging.getLogger(__name__)
 BUNDLE_FORMAT = "tina-generator/1"
 FILES = ("bundle.json", "layout.json", "scheduler_config.json", "weights.safetensors", "vocab.json")
+FOLDER = FolderKind("bundle.json", BUNDLE_FORMAT, frozenset(FILES) | {"config.yaml", QUALITY_FILE, "quality_rows.json"}, "generator folder")
 
 
 @dataclass
@@ -75,7 +77,7 @@ def save_bundle(bundle: Bundle, path: str | os.PathLike, config_yaml: str | None
     `weights_dtype=torch.float16` halves the generator's size on disk (the shipped default uses it);
     loading always computes in float32.
     """
-    with atomic_folder(path) as tmp:
+    with atomic_folder(path, FOLDER) as tmp:
         tensors = {f"dit.{k}": v.detach().to(weights_dtype).contiguous() for k, v in bundle.dit.state_dict().items()}
         tensors |= {f"layout.{k}": v.contiguous() for k, v in bundle.layout.stats().items()}
         tensors |= {f"base.{k}": v.detach().contiguous() for k, v in bundle.base.items()}
@@ -114,18 +116,46 @@ def _read_json(path: Path) -> dict | list:
         raise TinaError(f"checkpoint file {path} is unreadable or corrupt: {e}") from None
 
 
-def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu", text_encoder: str | None = None) -> Bundle:
-    """Load and check a generator folder: format, layout fingerprint, tensor shapes (strict)."""
-    path = Path(path)
+def _parse(make, d, where):
+    """make(d), with a malformed structure reported as one line naming its file and the key at fault."""
+    try:
+        return make(d)
+    except KeyError as e:
+        raise TinaError(f"{where}: key {e} is missing") from None
+    except (TypeError, ValueError, AttributeError, IndexError) as e:
+        raise TinaError(f"{where}: malformed ({e})") from None
+
+
+def read_meta(path: Path) -> tuple[dict, "ImageSpec", list[str]]:
+    """A generator folder's checked metadata: bundle.json (format and required keys), its image spec and
+    vocab.json. The one check of them, for loading and for routing (which reads no weights but the vocabulary)."""
     if not path.is_dir():
         raise TinaError(f"checkpoint {str(path)!r} does not exist (pass a generator folder, or 'default')")
     missing = [f for f in FILES if not (path / f).is_file()]
     if missing:
         raise TinaError(f"{path} is not a Tina generator: missing {', '.join(missing)}")
-    meta = _read_json(path / "bundle.json")
-    if meta.get("format") != BUNDLE_FORMAT:
+    mpath = path / "bundle.json"
+    meta = _read_json(mpath)
+    if json_field(meta, "format", str, mpath, required=False) != BUNDLE_FORMAT:
         raise TinaError(f"{path} has format {meta.get('format')!r}; this Tina reads {BUNDLE_FORMAT!r}")
-    layout = ParamLayout.from_dict(_read_json(path / "layout.json"))
+    for key, kind in (("target", str), ("dataset", str), ("text_encoder", str), ("layout_fingerprint", str), ("dit", dict),
+                      ("k_max", int), ("image", dict)):
+        json_field(meta, key, kind, mpath)
+    if meta["k_max"] < 2:
+        raise TinaError(f"{mpath}: key 'k_max' must be >= 2, got {meta['k_max']}")
+    image = check_image_spec(meta["image"], mpath)
+    vocab = _read_json(path / "vocab.json")
+    if not isinstance(vocab, list) or not all(isinstance(v, str) for v in vocab):
+        raise TinaError(f"{path / 'vocab.json'}: expected a list of class names")
+    return meta, image, vocab
+
+
+def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu", text_encoder: str | None = None) -> Bundle:
+    """Load and check a generator folder: format, layout fingerprint, tensor shapes (strict)."""
+    path = Path(path)
+    meta, image, vocab = read_meta(path)
+    mpath = path / "bundle.json"
+    layout = _parse(ParamLayout.from_dict, _read_json(path / "layout.json"), path / "layout.json")
     if layout.fingerprint != meta["layout_fingerprint"]:
         raise TinaError(
             f"{path}: layout fingerprint {layout.fingerprint} does not match the bundle's {meta['layout_fingerprint']} "
@@ -133,6 +163,9 @@ def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu", tex
         )
     if text_encoder is not None and text_encoder != meta["text_encoder"]:
         raise TinaError(f"{path} was trained with text encoder {meta['text_encoder']!r}, not {text_encoder!r}")
+    scheduler = _read_json(path / "scheduler_config.json")
+    if not isinstance(scheduler, dict):
+        raise TinaError(f"{path / 'scheduler_config.json'}: expected a JSON object, got {type(scheduler).__name__}")
     try:
         tensors = load_file(path / "weights.safetensors", device="cpu")
     except Exception as e:  # noqa: BLE001 - safetensors raises several error types for bad files
@@ -141,19 +174,20 @@ def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu", tex
     def group(prefix):
         return {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
 
-    layout.load_stats(group("layout"))
-    dit = DiT(DiTConfig(**meta["dit"]))
     try:
-        dit.load_state_dict({k: v.float() for k, v in group("dit").items()}, strict=True)
-    except RuntimeError as e:
-        raise TinaError(f"{path}: generator weights do not match its config: {str(e).splitlines()[0]}") from None
+        layout.load_stats(group("layout"))
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise TinaError(f"{path}/weights.safetensors: bad layout statistics ({e})") from None
+    dit = DiT(_parse(lambda d: DiTConfig(**d), meta["dit"], f"{mpath} key 'dit'"))
+    check_state(dit, {k: v.float() for k, v in group("dit").items()}, f"{path}/weights.safetensors")
     dit.to(device).eval()
-    vocab = _read_json(path / "vocab.json")
+    if "vocab.names" not in tensors:
+        raise TinaError(f"{path}/weights.safetensors: tensor 'vocab.names' is missing")
     vocab_emb = tensors["vocab.names"]
     if len(vocab) != vocab_emb.shape[0]:
         raise TinaError(f"{path}: vocab.json has {len(vocab)} names but {vocab_emb.shape[0]} embeddings")
     anchor = None
-    if meta.get("anchor"):
+    if json_field(meta, "anchor", (dict, type(None)), mpath, required=False):
         if meta["anchor"].get("kind") != "selection":
             raise TinaError(f"{path}: unknown anchor kind {meta['anchor'].get('kind')!r} (this Tina knows 'selection')")
         anchor = SelectionAnchor.from_tensors(layout, group("anchor"), meta["anchor"].get("temperature", 0.02))
@@ -163,9 +197,9 @@ def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu", tex
     return Bundle(
         dit=dit,
         layout=layout,
-        scheduler_config=_read_json(path / "scheduler_config.json"),
+        scheduler_config=scheduler,
         target=meta["target"],
-        image=ImageSpec.from_dict(meta["image"]),
+        image=image,
         dataset=meta["dataset"],
         text_encoder=meta["text_encoder"],
         k_max=int(meta["k_max"]),
@@ -173,7 +207,7 @@ def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu", tex
         vocab_emb=vocab_emb,
         base=group("base"),
         projector=group("projector"),
-        projector_config=meta.get("projector") or {},
+        projector_config=json_field(meta, "projector", (dict, type(None)), mpath, required=False) or {},
         anchor=anchor,
         meta={k: v for k, v in meta.items() if k not in known},
         quality=load_quality(path, vocab, layout.fingerprint),

@@ -23,6 +23,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on a model hub; weights are local
 
 from tina.errors import TinaError  # noqa: E402
+from tina.validate import ArgumentParser, check_args, os_error_line, printable, quoted  # noqa: E402
 
 log = logging.getLogger("tina")
 
@@ -64,22 +65,25 @@ def cmd_generate(args) -> int:
     a = task.assessment
     if a.unknown and not args.allow_unknown:
         raise TinaError(decision.refusal([m.name for m in a.unknown]))
-    print("classes (output order): " + ", ".join(f"{i}={c}" for i, c in enumerate(task.classes)))
+    print("classes (output order): " + ", ".join(f"{i}={printable(c)}" for i, c in enumerate(task.classes)))
     if a.resolved():
         print(f"known classes used: {a.resolved()}")
     print(a.summary())
     for w in task.warnings:
-        print(f"warning: {w}", file=sys.stderr)
+        print(f"warning: {printable(w)}", file=sys.stderr)
     model = tina.generate_tasks([task], seed=args.seed, steps=args.steps, guidance=args.guidance, sampler=args.sampler)[0]
     model.tina_info |= {"routing": decision.info(), "allowed_unknown": bool(a.unknown)}
     out = Path(args.output) if args.output else Path("generated") / _slug(task.classes)
     save_generated(model, out, formats=tuple(args.format))
     n = sum(p.numel() for p in model.parameters())
-    print(f"generated a {len(task.classes)}-class {tina.bundle.target} ({n:,} parameters) in {model.tina_info['seconds']:.2f}s -> {out}")
+    print(f"generated a {len(task.classes)}-class {tina.bundle.target} ({n:,} parameters) in {model.tina_info['seconds']:.2f}s "
+          f"-> {printable(out)}")
+    im = tina.bundle.image
+    code = (f"import torch; m = torch.export.load({str(out / 'model.pt2')!r}).module(); "
+            f"print(m(torch.rand(1, {im.channels}, {im.size}, {im.size})))")
     print("use it:")
-    print(f"  tina predict {out} image.png")
-    print(f"  python -c \"import torch; m = torch.export.load('{out}/model.pt2').module(); "
-          f"print(m(torch.rand(1, {tina.bundle.image.channels}, {tina.bundle.image.size}, {tina.bundle.image.size})))\"")
+    print(f"  tina predict {printable(quoted(out))} image.png")
+    print(f"  python -c {printable(quoted(code))}")
     return 0
 
 
@@ -95,8 +99,9 @@ def cmd_predict(args) -> int:
         probs = net(x).softmax(-1)
     for path, p in zip(args.images, probs):
         i = int(p.argmax())
-        ranked = ", ".join(f"{net.classes[j]} {p[j]:.3f}" for j in p.argsort(descending=True)[: args.top].tolist())
-        print(f"{path}: {net.classes[i]} ({p[i]:.3f})   [{ranked}]")
+        names = [printable(c) for c in net.classes]
+        ranked = ", ".join(f"{names[j]} {p[j]:.3f}" for j in p.argsort(descending=True)[: args.top].tolist())
+        print(f"{printable(path)}: {names[i]} ({p[i]:.3f})   [{ranked}]")
     return 0
 
 
@@ -143,7 +148,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from tina.evaluate import main as eval_main
+    from evaluation.cli import main as eval_main
 
     return eval_main(args.rest)
 
@@ -160,7 +165,7 @@ DELEGATED = ("zoo", "train", "eval", "demo")
 def build_parser() -> argparse.ArgumentParser:
     from tina.diffusion import SAMPLERS
 
-    ap = argparse.ArgumentParser(prog="tina", description="Text-to-model: type a task, get a working classifier.")
+    ap = ArgumentParser(prog="tina", description="Text-to-model: type a task, get a working classifier.")
     ap.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
     sub = ap.add_subparsers(dest="command", required=True)
 
@@ -218,9 +223,20 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        check_args(args)
         return args.func(args) or 0
     except TinaError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {printable(e)}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `tina info | head -1`: the reader has what it wanted
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except OSError as e:  # a full disk, a read-only or forbidden folder: the system's one line
+        line = os_error_line(e)
+        if line is None:
+            raise
+        print(f"error: {printable(line)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -13,7 +13,8 @@ from dataclasses import is_dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from tina.errors import TinaError
@@ -28,21 +29,42 @@ def load_config(schema: type[T], path: str | os.PathLike | None = None, override
         cfg = OmegaConf.structured(schema)
         if path is not None:
             p = Path(path)
+            if p.is_dir():
+                raise TinaError(f"config file {str(p)!r} is a folder; pass a YAML file (e.g. configs/train/fashion_mnist.yaml)")
             if not p.is_file():
                 raise TinaError(f"config file {str(p)!r} does not exist")
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(p))
+            try:
+                loaded = OmegaConf.load(p)
+            except (yaml.YAMLError, UnicodeDecodeError) as e:
+                raise TinaError(f"config file {str(p)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+            except OSError as e:
+                raise TinaError(f"cannot read config file {str(p)!r}: {e.strerror}") from None
+            if not isinstance(loaded, DictConfig):
+                raise TinaError(f"config file {str(p)!r} must hold key: value pairs, not a list")
+            cfg = OmegaConf.merge(cfg, loaded)
         if overrides:
             bad = [o for o in overrides if "=" not in o]
             if bad:
                 raise TinaError(f"overrides must look like key=value, got {bad}")
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+            try:
+                dot = OmegaConf.from_dotlist(list(overrides))
+            except yaml.YAMLError as e:
+                raise TinaError(f"bad override value: {str(e).splitlines()[0]}") from None
+            cfg = OmegaConf.merge(cfg, dot)
         obj = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
         msg = str(e).splitlines()[0]
         raise TinaError(f"bad config ({path or 'defaults'}): {msg}") from None
-    except ValueError as e:  # raised by a schema's __post_init__ checks
+    except (ValueError, TypeError) as e:  # raised by a schema's __post_init__ checks
         raise TinaError(f"bad config ({path or 'defaults'}): {e}") from None
     return obj
+
+
+def at_least(section: str, **values) -> None:
+    """For __post_init__ checks: `at_least("trainer", max_steps=(self.max_steps, 1))` -> ValueError naming the key."""
+    for key, (value, low) in values.items():
+        if not value >= low:
+            raise ValueError(f"{section}.{key} must be >= {low}, got {value}")
 
 
 def to_dict(cfg) -> dict:

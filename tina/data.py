@@ -11,6 +11,7 @@ Batches pad tasks of different k to the batch's largest k; masks mark the real c
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import random
@@ -20,11 +21,11 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-import webdataset as wds
 
 from tina.anchor import SelectionAnchor
 from tina.errors import TinaError
 from tina.layout import ParamLayout
+from tina.shardio import ShardFile, ShardReader, read_shards
 
 log = logging.getLogger(__name__)
 ZOO_FORMAT = "tina-zoo/1"
@@ -44,39 +45,32 @@ def read_manifest(zoo: str | Path) -> dict:
     return man
 
 
-def shard_urls(zoo: str | Path, manifest: dict, split: str) -> list[str]:
-    """The split's shard paths; every one must exist (a zoo copied in part fails here, not mid-stream)."""
+def shard_urls(zoo: str | Path, manifest: dict, split: str) -> list[ShardFile]:
+    """The split's shards with their manifest checksums; every one must exist (a zoo copied in part fails
+    here, not mid-stream)."""
+    sums = manifest.get("shard_sha256") or {}
+    if not isinstance(sums, dict):
+        raise TinaError(f"{Path(zoo) / 'manifest.json'}: shard_sha256 must be an object of shard name -> sha256")
     paths = [Path(zoo) / n for n in manifest["shards"].get(split, [])]
     missing = [p.name for p in paths if not p.is_file()]
     if missing:
         raise TinaError(f"{zoo}: {len(missing)} of the {len(paths)} {split} shard(s) in its manifest are missing "
                         f"(e.g. {missing[0]}); copy the whole zoo or rebuild it (a build resumes where it stopped)")
-    return [str(p) for p in paths]
+    return [ShardFile(p, sums.get(p.name)) for p in paths]
+
+
+def iter_split(zoo: str | Path, split: str):
+    """Every model of one split, one at a time in shard order (streams: memory holds one shard's worth);
+    every shard is verified against its manifest checksum and decoded without pickle (tina/shardio.py)."""
+    for shard in shard_urls(zoo, read_manifest(zoo), split):
+        for m in read_shards([shard]):
+            m["params"], m["emb"] = torch.from_numpy(m["params"]), torch.from_numpy(m["emb"])  # (P,), (k, V, E)
+            yield m
 
 
 def load_split(zoo: str | Path, split: str, limit: int | None = None) -> list[dict]:
-    """Every model of one split, decoded into memory (for statistics, validation and evaluation)."""
-    man = read_manifest(zoo)
-    urls = shard_urls(zoo, man, split)
-    if not urls:
-        return []
-    ds = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False).decode()
-    out = []
-    for s in ds:
-        out.append(
-            {
-                "key": s["__key__"],
-                "params": torch.from_numpy(np.asarray(s["params.npy"], dtype=np.float32)),
-                "classes": s["classes.json"]["names"],
-                "class_ids": s["classes.json"]["ids"],
-                "emb": torch.from_numpy(np.asarray(s["emb.npy"], dtype=np.float32)),  # (k, V, E)
-                "prompts": s["prompts.json"],
-                "metrics": s["metrics.json"],
-            }
-        )
-        if limit is not None and len(out) >= limit:
-            break
-    return out
+    """Every model of one split (the first `limit`), decoded into memory (for statistics, validation and evaluation)."""
+    return list(itertools.islice(iter_split(zoo, split), limit))
 
 
 @dataclass
@@ -85,6 +79,10 @@ class AugmentConfig:
 
     permute_classes: bool = True  # random class order per example
     name_prob: float = 0.5  # probability a class is given by its plain name; else a random variant
+
+    def __post_init__(self):
+        if not 0 <= self.name_prob <= 1:
+            raise ValueError(f"augment.name_prob must be in [0, 1], got {self.name_prob}")
 
 
 def make_example(params: torch.Tensor, emb: torch.Tensor, layout: ParamLayout, aug: AugmentConfig, rng: random.Random,
@@ -125,38 +123,45 @@ def collate(examples: list[dict], layout: ParamLayout) -> dict:
 
 
 class ZooStream(torch.utils.data.IterableDataset):
-    """Endless stream of training examples from the train shards.
+    """Endless, deterministic stream of training examples from the train shards.
 
-    Shards are split across ranks and workers when there are enough of them; otherwise every
-    worker resamples shards at random (so a small zoo still feeds many GPUs without a hang).
+    There is one stream per rank and DataLoader worker; each takes every n-th shard when there are enough,
+    else all of them. Example n of a stream is a pure function of (seed, stream, n): epoch n // N visits
+    the stream's N models in an order drawn from (seed, stream, epoch), and its augmentation draws from
+    (seed, stream, n). So a run resumed at global step `start_step` gets exactly the batches the
+    uninterrupted run got from that step on.
     """
 
-    def __init__(self, urls: list[str], layout: ParamLayout, aug: AugmentConfig, seed: int, shuffle_buffer: int = 500,
-                 anchor: SelectionAnchor | None = None):
-        self.urls, self.layout, self.aug, self.seed, self.shuffle_buffer = urls, layout, aug, seed, shuffle_buffer
-        self.anchor = anchor
-
-    def _pipeline(self):
-        info = torch.utils.data.get_worker_info()
-        workers = info.num_workers if info else 1
-        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        if len(self.urls) >= workers * world:
-            ds = wds.WebDataset(
-                self.urls, nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker,
-                shardshuffle=len(self.urls), seed=self.seed, empty_check=False,
-            ).repeat()
-        else:
-            ds = wds.WebDataset(self.urls, resampled=True, seed=self.seed, empty_check=False)
-        return ds.shuffle(self.shuffle_buffer).decode()
+    def __init__(self, urls: list[ShardFile], layout: ParamLayout, aug: AugmentConfig, seed: int,
+                 anchor: SelectionAnchor | None = None, batch_size: int = 1, start_step: int = 0):
+        self.urls, self.layout, self.aug, self.seed, self.anchor = urls, layout, aug, seed, anchor
+        self.batch_size, self.start_step = batch_size, start_step
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
+        workers = info.num_workers if info else 1
+        # The DataLoader takes batch i of this run from worker i % workers, so worker w plays the part
+        # of the uninterrupted run's worker (start_step + w) % workers.
+        worker = (self.start_step + (info.id if info else 0)) % workers
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        rng = random.Random(hash((self.seed, rank, info.id if info else 0)))
-        for s in self._pipeline():
-            params = torch.from_numpy(np.asarray(s["params.npy"], dtype=np.float32))
-            emb = torch.from_numpy(np.asarray(s["emb.npy"], dtype=np.float32))
-            yield make_example(params, emb, self.layout, self.aug, rng, self.anchor, s["classes.json"]["ids"])
+        stream, streams = rank * workers + worker, world * workers
+        mine = self.urls[stream::streams] if len(self.urls) >= streams else self.urls
+        reader = ShardReader()
+        items = [(sh, key) for sh in mine for key in reader.keys(sh)]
+        if not items:
+            raise TinaError(f"the train shards {[str(u) for u in mine]} hold no models")
+        n = -(-max(0, self.start_step - worker) // workers) * self.batch_size  # examples this worker already gave
+        epoch, order = -1, None
+        while True:
+            e, i = divmod(n, len(items))
+            if e != epoch:
+                epoch, order = e, np.random.default_rng([self.seed, stream, e]).permutation(len(items))
+            s = reader.read(*items[order[i]])
+            rng = random.Random(f"{self.seed}/{stream}/{n}")
+            yield make_example(torch.from_numpy(s["params"]), torch.from_numpy(s["emb"]), self.layout, self.aug, rng,
+                               self.anchor, s["class_ids"])
+            n += 1
 
 
 def layout_from_manifest(man: dict) -> ParamLayout:
@@ -180,7 +185,8 @@ def fit_layout_stats(zoo: str | Path, layout: ParamLayout, limit: int = 4000, an
 
 def load_anchor(zoo: str | Path, layout: ParamLayout) -> SelectionAnchor:
     """Classifier selection from the zoo's generic model (generic.safetensors), matched by the
-    embeddings of every class's prompt variants (vocab.safetensors)."""
+    embeddings of every class's prompt variants (vocab.safetensors). Strictly held-out classes
+    (manifest held_out_classes) are not part of it: the generator never hears their names."""
     from safetensors.torch import load_file
 
     paths = [Path(zoo) / "generic.safetensors", Path(zoo) / "vocab.safetensors"]
@@ -188,7 +194,8 @@ def load_anchor(zoo: str | Path, layout: ParamLayout) -> SelectionAnchor:
         if not path.is_file():
             raise TinaError(f"{path} is missing: residual training needs the zoo's generic model and vocabulary "
                             "(or set residual=false)")  # fmt: skip
-    return SelectionAnchor.from_generic(layout, load_file(paths[0]), load_file(paths[1])["variants"])
+    held = read_manifest(zoo).get("held_out_classes", [])
+    return SelectionAnchor.from_generic(layout, load_file(paths[0]), load_file(paths[1])["variants"], held_out=held)
 
 
 class ZooDataModule(L.LightningDataModule):
@@ -200,15 +207,25 @@ class ZooDataModule(L.LightningDataModule):
         super().__init__()
         self.zoo, self.layout, self.aug, self.batch_size, self.workers, self.seed = Path(zoo), layout, aug, batch_size, workers, seed
         self.anchor = anchor
-        self.urls = shard_urls(zoo, read_manifest(zoo), "train")
+        man = read_manifest(zoo)
+        self.urls = shard_urls(zoo, man, "train")
         if not self.urls:
             raise TinaError(f"zoo {zoo} lists no train shards")
+        reader = ShardReader()  # verifies every train shard now, not mid-run
+        self.num_models = sum(len(reader.keys(u)) for u in self.urls)
+        reader.close()
+        if self.num_models != man.get("counts", {}).get("train"):
+            raise TinaError(f"{Path(zoo) / 'manifest.json'} counts {man.get('counts', {}).get('train')} train models but its "
+                            f"shards hold {self.num_models}; the manifest was edited or the zoo is damaged")
 
     def train_dataloader(self):
         world = self.trainer.world_size if self.trainer is not None else 1
         per_rank = max(1, self.batch_size // world)
+        # Resuming: Lightning restores global_step before it asks for the dataloader.
+        step = self.trainer.global_step if self.trainer is not None else 0
+        stream = ZooStream(self.urls, self.layout, self.aug, self.seed, self.anchor, batch_size=per_rank, start_step=step)
         return torch.utils.data.DataLoader(
-            ZooStream(self.urls, self.layout, self.aug, self.seed, anchor=self.anchor), batch_size=per_rank, num_workers=self.workers,
+            stream, batch_size=per_rank, num_workers=self.workers,
             collate_fn=functools.partial(collate, layout=self.layout), persistent_workers=self.workers > 0,
         )
 

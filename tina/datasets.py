@@ -8,8 +8,11 @@ Datasets:
   fashion-mnist  the IDX files from Debian's `dataset-fashion-mnist` (or any folder holding them)
   clipart        ~40 classes curated from Debian's `openclipart-png`; rules in `CLIPART_RULES`,
                  the resulting class list in docs/clipart.md. Rendered once to 32x32 and cached.
-  cifar10/100    torchvision's CIFAR loaders; downloads only when asked to
-  imagefolder    any `root/<class name>/<image>` tree, rendered like clipart and cached
+  cifar10/100    torchvision's layout (ROOT/cifar-100-python), read without unpickling code; md5-checked
+                 unless dataset.verify=false (stand-in copies); downloads only when asked to
+  imagefolder    any `root/<class folder>/<image>` tree, rendered to DatasetConfig.size/channels and cached
+
+Image files become arrays through tina.images.render only, the same function `tina predict` uses.
 
 Rendered datasets (clipart, imagefolder) are cached as one .npz under `$TINA_CACHE/datasets`
 (default `~/.cache/tina/datasets`), keyed by a hash of the rules and the file list.
@@ -23,6 +26,7 @@ import json
 import logging
 import multiprocessing
 import os
+import pickle  # only through _ArraysOnlyUnpickler, which rebuilds arrays and nothing else
 import re
 import socket
 import struct
@@ -35,13 +39,16 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
-from PIL import Image, ImageChops
+from PIL import Image
 from tqdm.auto import tqdm
 
 from tina.errors import TinaError
+from tina.images import DATASET_MAX_PIXELS as MAX_PIXELS
+from tina.images import render, to_float
 from tina.targets import ImageSpec
 
 log = logging.getLogger(__name__)
@@ -53,6 +60,8 @@ FASHION_MNIST_CLASSES = [
 ]  # fmt: skip
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
 CLIPART_ROOT = "/usr/share/openclipart/png"  # Debian's openclipart-png
+# How a user names a dataset's folder, in every command that loads one (error messages say this).
+ROOT_OPTION = "dataset.root=PATH (tina zoo build; tina train and tina eval take data_root=PATH)"
 CACHE_FORMAT = "tina-rendered/1"  # bump when the .npz layout or the renderer changes
 
 
@@ -94,8 +103,7 @@ class ImageDataset:
             if isinstance(idx, torch.Tensor):
                 idx = idx.cpu().numpy()
             x, y = x[idx], y[idx]
-        x = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).contiguous()  # (n, C, H, W) uint8
-        return x.float().div_(255.0), torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
+        return to_float(x), torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))  # (n, C, H, W), (n,)
 
     def subset(self, classes: list[int]) -> ImageDataset:
         """Only the given classes, relabelled 0..k-1 in the order given (image spec unchanged)."""
@@ -113,24 +121,81 @@ class ImageDataset:
         )  # fmt: skip
 
 
-def load_dataset(
-    name: str, root: str | None = None, *, download: bool = False, cache_dir: str | None = None
-) -> ImageDataset:
-    """Load a dataset by name. `root` overrides where its files are; raises TinaError when missing.
+@dataclass
+class DatasetConfig:
+    """Which images a zoo's models are trained on (the `dataset:` section of configs/zoo/*.yaml).
 
-    download: let torchvision fetch CIFAR (Fashion-MNIST is fetched when missing and online).
+    The zoo records it (manifest.json "dataset"), so training, evaluation and the demo load the same
+    images without being told again; `tina train data_root=...` / `tina eval --data-root` only move it.
+    """
+
+    name: str = "fashion-mnist"  # one of DATASETS
+    root: Optional[str] = None  # where its files are (else $TINA_FASHION_MNIST / $TINA_CLIPART / $TINA_CIFAR / the default)
+    download: bool = False  # fetch CIFAR / Fashion-MNIST when missing (needs network)
+    # CIFAR: check each file's md5 against the official archive. Set false only for stand-in or
+    # subsampled copies; the files are still read without running any code (see _read_cifar_batch).
+    verify: bool = True
+    # imagefolder only (an error elsewhere): what every image is rendered to, and the split
+    size: int = 32  # square side in pixels (cnn-5k needs a multiple of 8)
+    channels: int = 3  # 3 = RGB, 1 = grey
+    test_fraction: float = 0.2  # share of each class held out as test images (hash of the file name)
+    class_names: dict[str, str] = field(default_factory=dict)  # folder name -> the class name the text encoder reads
+
+    def __post_init__(self):
+        if self.name not in DATASETS:
+            raise ValueError(f"dataset.name must be one of {', '.join(DATASETS)}, got {self.name!r}")
+        own = {k: getattr(self, k) for k in _IMAGEFOLDER_KEYS if getattr(self, k) != _IMAGEFOLDER_DEFAULTS[k]}
+        if own and self.name != "imagefolder":
+            raise ValueError(f"dataset.{', dataset.'.join(own)} apply to dataset.name=imagefolder only")
+        if self.channels not in (1, 3) or self.size < 8 or self.size % 8:
+            raise ValueError(f"dataset.channels must be 1 or 3 and dataset.size a multiple of 8, got {self.channels}, {self.size}")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ValueError(f"dataset.test_fraction must be in (0, 1), got {self.test_fraction}")
+
+    def record(self) -> dict:
+        """What a zoo stores: every field but `download` (how the files arrived is not what they are)."""
+        d = asdict(self)
+        d.pop("download")
+        return d
+
+    def identity(self) -> dict:
+        """The fields that decide the images: name, root and whatever differs from its default, so zoos
+        built before the newer fields existed keep their identity."""
+        d, default = self.record(), DatasetConfig(self.name).record()
+        return {k: v for k, v in d.items() if k in ("name", "root") or v != default[k]}
+
+    @classmethod
+    def from_record(cls, d: dict) -> "DatasetConfig":
+        """From a zoo's manifest "dataset" entry (which also holds classes and image spec)."""
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        return cls(**known)
+
+
+_IMAGEFOLDER_KEYS = ("size", "channels", "test_fraction", "class_names")
+_IMAGEFOLDER_DEFAULTS = {"size": 32, "channels": 3, "test_fraction": 0.2, "class_names": {}}
+
+
+def load_dataset(
+    spec: str | dict | DatasetConfig, root: str | None = None, *, download: bool = False, cache_dir: str | None = None
+) -> ImageDataset:
+    """Load a dataset by name, by DatasetConfig or by a zoo's record of one; raises TinaError when missing.
+
+    root: overrides where its files are. download: let torchvision fetch CIFAR / Fashion-MNIST.
     cache_dir: where rendered datasets are cached (default `$TINA_CACHE/datasets`).
     """
-    if name == "fashion-mnist":
+    try:
+        cfg = DatasetConfig(spec) if isinstance(spec, str) else DatasetConfig.from_record(spec) if isinstance(spec, dict) else spec
+    except ValueError as e:
+        raise TinaError(str(e)) from None
+    root, download = root or cfg.root, download or cfg.download
+    if cfg.name == "fashion-mnist":
         return _load_fashion_mnist(root, download)
-    if name == "clipart":
+    if cfg.name == "clipart":
         root = root or os.environ.get("TINA_CLIPART") or CLIPART_ROOT
         return build_clipart(root, cache_dir=cache_dir)
-    if name in ("cifar10", "cifar100"):
-        return _load_cifar(name, root, download)
-    if name == "imagefolder":
-        return _load_imagefolder(root, cache_dir)
-    raise TinaError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if cfg.name in ("cifar10", "cifar100"):
+        return _load_cifar(cfg.name, root, download, cfg.verify)
+    return _load_imagefolder(replace(cfg, root=root), cache_dir)
 
 
 def default_cache_dir() -> Path:
@@ -179,7 +244,7 @@ def _load_fashion_mnist(root: str | None, download: bool) -> ImageDataset:
     if files is None:
         raise TinaError(
             f"Fashion-MNIST not found in {root or FASHION_MNIST_ROOT}: install it with "
-            "`apt-get install dataset-fashion-mnist`, or point --data-root (or $TINA_FASHION_MNIST) at a folder "
+            f"`apt-get install dataset-fashion-mnist`, or point {ROOT_OPTION} (or $TINA_FASHION_MNIST) at a folder "
             "holding train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz and "
             "t10k-labels-idx1-ubyte.gz"
         )
@@ -193,7 +258,7 @@ def _load_fashion_mnist(root: str | None, download: bool) -> ImageDataset:
         train_y=arrays["train_y"].astype(np.int64),
         test_x=test_x,
         test_y=arrays["test_y"].astype(np.int64),
-        image=ImageSpec(1, 28, mean, std),
+        image=ImageSpec(1, 28, mean, std, background=0),  # light garments on black
     )
 
 
@@ -282,50 +347,118 @@ def _reachable(host: str | None, port: int, timeout: float = 3.0) -> bool:
 # CIFAR
 
 
-_CIFAR = {  # name -> (torchvision class, folder inside root, archive)
-    "cifar10": ("CIFAR10", "cifar-10-batches-py", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"),
-    "cifar100": ("CIFAR100", "cifar-100-python", "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"),
-}
+_CIFAR = {  # name -> (torchvision class, folder inside root, labels key, meta names key, archive)
+    "cifar10": ("CIFAR10", "cifar-10-batches-py", "labels", "label_names",
+                "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"),
+    "cifar100": ("CIFAR100", "cifar-100-python", "fine_labels", "fine_label_names",
+                 "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"),
+}  # fmt: skip
 
 
-def _load_cifar(name: str, root: str | None, download: bool) -> ImageDataset:
-    root = root or os.environ.get("TINA_CIFAR") or str(default_cache_dir() / "cifar")
-    cls_name, folder, url = _CIFAR[name]
-    if not download and not os.path.isdir(os.path.join(root, folder)):
-        raise TinaError(
-            f"{name} not found: extract {url} so that {os.path.join(root, folder)} exists "
-            f"(--data-root / $TINA_CIFAR choose the parent folder), or pass --download"
-        )
+def _load_cifar(name: str, root: str | None, download: bool, verify: bool = True) -> ImageDataset:
+    """CIFAR in torchvision's layout (ROOT/cifar-100-python/{train,test,meta}), read by our own safe reader.
+
+    torchvision's loader unpickles the batches (a pickle can run code) and insists on the official md5s;
+    here the batches go through `_read_cifar_batch`, which builds only arrays, lists and strings, and
+    the md5 check is `verify` (false for stand-in or subsampled copies).
+    """
     from torchvision import datasets
 
-    cls = getattr(datasets, cls_name)
+    root = root or os.environ.get("TINA_CIFAR") or str(default_cache_dir().parent / "cifar")  # ~/.cache/tina/cifar
+    cls_name, folder, label_key, names_key, url = _CIFAR[name]
+    tv = getattr(datasets, cls_name)
+    if download and not os.path.isdir(os.path.join(root, folder)):
+        from torchvision.datasets.utils import download_and_extract_archive
+
+        try:
+            with _socket_timeout(60):
+                download_and_extract_archive(tv.url, root, filename=tv.filename, md5=tv.tgz_md5)
+        except Exception as e:  # network, disk, checksum
+            raise TinaError(f"could not download {name} from {url}: {e}") from e
+    base = os.path.join(root, folder)
+    if not os.path.isdir(base):
+        raise TinaError(
+            f"{name} not found: extract {url} so that {base} exists (choose the parent folder with "
+            f"{ROOT_OPTION} or $TINA_CIFAR), or set dataset.download=true"
+        )
+    files = {"train": tv.train_list, "test": tv.test_list, "meta": [[tv.meta["filename"], tv.meta["md5"]]]}
+    batches = {}
+    for split, entries in files.items():
+        batches[split] = []
+        for fname, md5 in entries:
+            path = os.path.join(base, fname)
+            if not os.path.isfile(path):
+                raise TinaError(f"{name}: {path} is missing; re-extract {url} into {root}")
+            if verify and _md5(path) != md5:
+                raise TinaError(
+                    f"{name}: {path} is not the official file (md5 differs); re-extract {url}, or set "
+                    "dataset.verify=false if it is a stand-in or subsampled copy on purpose"
+                )
+            batches[split].append(_read_cifar_batch(path))
+
+    def arrays(split):
+        x = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches[split]])
+        y = np.concatenate([np.asarray(b[label_key], dtype=np.int64) for b in batches[split]])
+        return x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), y  # (N, 32, 32, 3) HWC
+
     try:
-        with _socket_timeout(60):
-            train, test = cls(root, train=True, download=download), cls(root, train=False, download=download)
-    except (RuntimeError, OSError) as e:  # torchvision: "Dataset not found or corrupted", or no network
-        raise TinaError(f"cannot load {name} from {root}: {e}; re-extract {url} there or pass --download") from e
-    train_x = np.asarray(train.data, dtype=np.uint8)  # (N, 32, 32, 3)
+        names = batches["meta"][0][names_key]  # str in the official Python 2 files, bytes when written by Python 3
+        classes = [(c.decode("latin1") if isinstance(c, bytes) else str(c)).replace("_", " ") for c in names]
+        (train_x, train_y), (test_x, test_y) = arrays("train"), arrays("test")
+    except (KeyError, ValueError, TypeError) as e:
+        raise TinaError(f"{name}: {base} does not hold CIFAR batches ({type(e).__name__}: {e})") from None
     mean, std = channel_stats(train_x)
-    return ImageDataset(
-        name=name,
-        classes=[c.replace("_", " ") for c in train.classes],
-        train_x=train_x,
-        train_y=np.asarray(train.targets, dtype=np.int64),
-        test_x=np.asarray(test.data, dtype=np.uint8),
-        test_y=np.asarray(test.targets, dtype=np.int64),
-        image=ImageSpec(3, 32, mean, std),
-    )
+    try:
+        return ImageDataset(name=name, classes=classes, train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y,
+                            image=ImageSpec(3, 32, mean, std))
+    except ValueError as e:  # labels outside the class list
+        raise TinaError(f"{name}: {base}: {e}") from None
+
+
+def _md5(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "md5").hexdigest()
+
+
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    """Unpickles CIFAR's Python batches while refusing any global but numpy's array rebuilders.
+
+    A pickle names the callables it runs; CIFAR's name only numpy.ndarray, numpy.dtype and numpy's
+    `_reconstruct` (plus `_codecs.encode`, how protocol 2 spells bytes). Anything else is an error,
+    so a tampered file cannot execute code.
+    """
+
+    def find_class(self, module: str, name: str):
+        import codecs
+
+        from numpy.core import multiarray  # numpy 2 maps numpy.core to numpy._core
+
+        allowed = {
+            ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+            ("numpy.core.multiarray", "_reconstruct"): multiarray._reconstruct,
+            ("numpy._core.multiarray", "_reconstruct"): multiarray._reconstruct,
+            ("_codecs", "encode"): codecs.encode,
+        }  # fmt: skip
+        if (module, name) not in allowed:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: CIFAR batches hold only arrays and lists")
+        return allowed[(module, name)]
+
+
+def _read_cifar_batch(path: str) -> dict:
+    """One CIFAR batch file as a dict with str keys; TinaError when it is not one."""
+    try:
+        with open(path, "rb") as f, warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # numpy.core's alias under numpy 2
+            obj = _ArraysOnlyUnpickler(f, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError) as e:
+        raise TinaError(f"cannot read CIFAR batch {path}: {e}") from None
+    if not isinstance(obj, dict):
+        raise TinaError(f"{path} is not a CIFAR batch (a {type(obj).__name__}, not a dict)")
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
 
 
 # ---------------------------------------------------------------------------------------------
-# Rendering: any image file -> (size, size, 3) uint8 on white, decoded once and safely
-
-MAX_PIXELS = 200_000_000  # decode budget: ~800 MB as RGBA. The ~170 MP clip art fits; 231-623 MP files are skipped
-_BAND_PIXELS = 4_000_000  # huge images are shrunk in horizontal bands of about this many pixels
-
-
-class _Skip(Exception):
-    """A file that is valid but that we decline to decode (too large, blank)."""
+# Rendering many files (tina.images.render is the one decode path; here: pools, progress, failures)
 
 
 @contextmanager
@@ -341,78 +474,20 @@ def _pil_pixel_limit(max_pixels: int):
         Image.MAX_IMAGE_PIXELS = old
 
 
-def render_image(path: str, size: int = 32, crop: bool = True, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Decode one image to (size, size, 3) uint8: alpha over white, aspect kept, padded with white.
-
-    crop: trim to the drawing first (transparent or white margins), so small clip art fills the frame.
-    Raises on undecodable files and `_Skip` on files over `max_pixels`; callers count both.
-    """
-    with Image.open(path) as im:
-        w, h = im.size
-        if w * h > max_pixels:
-            raise _Skip(f"{w}x{h} is over the {max_pixels / 1e6:.0f} MP decode budget")
-        im.draft("RGB", (size * 4, size * 4))  # JPEG decodes at 1/2..1/8 scale; PNG ignores it
-        im.load()
-        if im.mode == "RGBA" or im.mode == "RGB":
-            pass
-        elif "transparency" in im.info or im.mode in ("P", "PA", "LA", "La", "RGBa"):
-            im = im.convert("RGBA")
-        else:
-            im = im.convert("RGB")
-        box = _content_box(im) if crop else (0, 0, *im.size)
-        if box is None:
-            raise _Skip("blank image")
-        small = _shrink(im, box, size * 4)
-    if small.mode == "RGBA":  # composite only now: the shrink averaged premultiplied colours
-        canvas = Image.new("RGBA", small.size, (255, 255, 255, 255))
-        canvas.alpha_composite(small)
-        small = canvas.convert("RGB")
-    scale = size / max(small.size)
-    fit = (max(1, round(small.width * scale)), max(1, round(small.height * scale)))
-    small = small.resize(fit, Image.Resampling.LANCZOS)
-    out = Image.new("RGB", (size, size), (255, 255, 255))
-    out.paste(small, ((size - fit[0]) // 2, (size - fit[1]) // 2))
-    return np.asarray(out, dtype=np.uint8)
-
-
-def _content_box(im: Image.Image) -> tuple[int, int, int, int] | None:
-    """Bounding box of the drawing: non-transparent pixels, or non-white ones without alpha."""
-    if im.mode == "RGBA":
-        return im.getbbox()  # alpha only
-    return ImageChops.difference(im, Image.new("RGB", im.size, (255, 255, 255))).getbbox()
-
-
-def _shrink(im: Image.Image, box: tuple[int, int, int, int], target: int) -> Image.Image:
-    """Crop `box` and shrink it by an integer factor to about `target` px on its long side.
-
-    `Image.reduce` premultiplies alpha into a full-size copy; doing it band by band keeps the peak
-    memory of a 170 MP image at its decoded size instead of twice that.
-    """
-    x0, y0, x1, y1 = box
-    factor = max(1, max(x1 - x0, y1 - y0) // target)
-    if factor == 1:
-        return im.crop(box)
-    out = Image.new(im.mode, (-(-(x1 - x0) // factor), -(-(y1 - y0) // factor)))
-    band = factor * max(1, _BAND_PIXELS // (factor * (x1 - x0)))  # rows per band, a multiple of factor
-    for y in range(y0, y1, band):
-        out.paste(im.crop((x0, y, x1, min(y + band, y1))).reduce(factor), (0, (y - y0) // factor))
-    return out
-
-
-def _render_job(job: tuple[str, int, bool, int]) -> tuple[np.ndarray | None, str | None]:
+def _render_job(job: tuple[str, ImageSpec, int]) -> tuple[np.ndarray | None, str | None]:
     """Worker entry point: (image, None) or (None, reason)."""
-    path, size, crop, max_pixels = job
+    path, frame, max_pixels = job
     try:
         with _pil_pixel_limit(max_pixels):
-            return render_image(path, size, crop, max_pixels), None
+            return render(path, frame, max_pixels), None
     except Exception as e:  # one bad file must not stop a build of thousands; the caller counts them
         return None, f"{type(e).__name__}: {e}"
 
 
-def _render_many(paths: list[str], size: int, crop: bool, max_pixels: int, workers: int, desc: str):
+def _render_many(paths: list[str], frame: ImageSpec, max_pixels: int, workers: int, desc: str):
     """Render files in a process pool with a progress bar; returns (images, ok mask, failures)."""
-    jobs = [(p, size, crop, max_pixels) for p in paths]
-    images = np.full((len(paths), size, size, 3), 255, dtype=np.uint8)
+    jobs = [(p, frame, max_pixels) for p in paths]
+    images = np.full((len(paths), frame.size, frame.size, frame.channels), frame.background, dtype=np.uint8)
     ok = np.zeros(len(paths), dtype=bool)
     failures: list[tuple[str, str]] = []
     bar = tqdm(total=len(jobs), desc=desc, unit="img", disable=None)
@@ -504,8 +579,11 @@ def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
         raise
 
 
-def _load_npz(path: Path, name: str) -> ImageDataset | None:
-    """An ImageDataset from a cache file, or None when it is missing or unreadable."""
+def _load_npz(path: Path, name: str, frame: ImageSpec) -> ImageDataset | None:
+    """An ImageDataset from a cache file, or None when it is missing or unreadable.
+
+    frame: how the cached images were rendered (caches written before ImageSpec had `background` and
+    `crop` do not record them; the cache key already pins the renderer's settings)."""
     if not path.is_file():
         return None
     try:
@@ -515,7 +593,7 @@ def _load_npz(path: Path, name: str) -> ImageDataset | None:
                 name=name,
                 classes=[str(c) for c in z["classes"]],
                 train_x=z["train_x"], train_y=z["train_y"], test_x=z["test_x"], test_y=z["test_y"],
-                image=ImageSpec.from_dict(meta["image"]),
+                image=replace(ImageSpec.from_dict(meta["image"]), background=frame.background, crop=frame.crop),
             )  # fmt: skip
     except Exception as e:  # a truncated or foreign file: rebuild rather than fail
         log.warning("ignoring unreadable dataset cache %s (%s); rebuilding", path, e)
@@ -524,7 +602,7 @@ def _load_npz(path: Path, name: str) -> ImageDataset | None:
     return ds
 
 
-def _dataset_from_render(name, classes, images, labels, keys, test_fraction, size) -> tuple[ImageDataset, np.ndarray]:
+def _dataset_from_render(name, classes, images, labels, keys, test_fraction, frame: ImageSpec) -> tuple[ImageDataset, np.ndarray]:
     """Split rendered images by group-key hash and measure the train set; returns (dataset, test mask)."""
     test = split_test(keys, labels, test_fraction)
     train_x = images[~test]
@@ -538,9 +616,14 @@ def _dataset_from_render(name, classes, images, labels, keys, test_fraction, siz
         train_y=labels[~test].astype(np.int64),
         test_x=images[test],
         test_y=labels[test].astype(np.int64),
-        image=ImageSpec(3, size, mean, std),
+        image=replace(frame, mean=mean, std=std),
     )
     return ds, test
+
+
+def render_frame(size: int, channels: int = 3, crop: bool = False) -> ImageSpec:
+    """The ImageSpec files are rendered with (white paper); mean and std are measured afterwards."""
+    return ImageSpec(channels, size, (0.0,) * channels, (1.0,) * channels, background=255, crop=crop)
 
 
 def _cache_arrays(ds: ImageDataset, meta: dict) -> dict[str, np.ndarray]:
@@ -805,7 +888,7 @@ def build_clipart(
     if not os.path.isdir(root):
         raise TinaError(
             f"clip art not found at {root}: install it with `apt-get install openclipart-png`, "
-            "or point --data-root (or $TINA_CLIPART) at a folder of PNG files in category folders"
+            f"or point {ROOT_OPTION} (or $TINA_CLIPART) at a folder of PNG files in category folders"
         )
     plan = plan_clipart(root, curation)
     root = plan.root
@@ -816,13 +899,12 @@ def build_clipart(
          "labels": plan.labels}
     )  # fmt: skip
     path = Path(cache_dir or default_cache_dir()) / f"clipart-{key[:16]}.npz"
-    ds = _load_npz(path, "clipart")
+    frame = render_frame(curation.size, crop=True)
+    ds = _load_npz(path, "clipart", frame)
     if ds is not None:
         return ds
     start = time.perf_counter()
-    images, ok, failures = _render_many(
-        plan.paths, curation.size, True, curation.max_pixels, workers, desc="rendering clip art"
-    )
+    images, ok, failures = _render_many(plan.paths, frame, curation.max_pixels, workers, desc="rendering clip art")
     if failures:
         log.warning("clipart: skipped %d of %d files that could not be decoded", len(failures), len(plan.paths))
         for p, err in failures:
@@ -838,7 +920,7 @@ def build_clipart(
     ids = np.array([index[c] for c in labels[keep]], dtype=np.int64)
     rel = [os.path.relpath(p, root) for p in np.array(plan.paths)[keep]]
     ds, test = _dataset_from_render(
-        "clipart", classes, images[keep], ids, [group_key(p) for p in rel], curation.test_fraction, curation.size
+        "clipart", classes, images[keep], ids, [group_key(p) for p in rel], curation.test_fraction, frame
     )
     seconds = time.perf_counter() - start
     meta = {
@@ -862,41 +944,50 @@ def _sha1_json(obj) -> str:
 # Image folders
 
 
-def _load_imagefolder(root: str | None, cache_dir: str | None, size: int = 32, workers: int = 2) -> ImageDataset:
-    """`root/<class>/<image>` via torchvision's ImageFolder, rendered to size x size RGB and cached."""
+def _load_imagefolder(cfg: DatasetConfig, cache_dir: str | None, workers: int = 2) -> ImageDataset:
+    """`root/<class folder>/<image>`, rendered by tina.images.render to the configured size and channels
+    (white paper, aspect kept, up or down) and cached; class names from `cfg.class_names` or the folder."""
     from torchvision.datasets import ImageFolder
 
+    root = cfg.root
     if not root:
-        raise TinaError("imagefolder needs a folder: pass --data-root PATH with one subfolder per class")
+        raise TinaError(f"dataset.name=imagefolder needs its folder: set {ROOT_OPTION}, a folder with one subfolder per class")
     if not os.path.isdir(root):
-        raise TinaError(f"image folder {root} does not exist; pass --data-root PATH with one subfolder per class")
+        raise TinaError(f"image folder {root} does not exist; set {ROOT_OPTION}, a folder with one subfolder per class")
     try:
         folder = ImageFolder(root, loader=lambda p: p)  # discovery only; decoding is ours
     except (FileNotFoundError, RuntimeError) as e:  # no class folders / no images
         raise TinaError(f"{root} is not an image folder ({e}); it needs one subfolder of images per class") from e
+    unknown = sorted(set(cfg.class_names) - set(folder.classes))
+    if unknown:
+        raise TinaError(f"dataset.class_names names folders that {root} does not have: {unknown} (it has {folder.classes})")
+    classes = [cfg.class_names.get(c) or c.replace("_", " ") for c in folder.classes]
+    if len(set(classes)) != len(classes):
+        raise TinaError(f"two class folders of {root} get the same class name: {classes}; set dataset.class_names")
     root = os.path.abspath(root)
     paths = [p for p, _ in folder.samples]
     targets = np.array([t for _, t in folder.samples], dtype=np.int64)
-    classes = [c.replace("_", " ") for c in folder.classes]
+    frame = render_frame(cfg.size, cfg.channels)
     key = _sha1_json(
-        {"format": CACHE_FORMAT, "root": root, "size": size, "max_pixels": MAX_PIXELS,
-         "files": _file_fingerprint(paths, root), "targets": targets.tolist()}
+        {"format": CACHE_FORMAT, "root": root, "size": cfg.size, "channels": cfg.channels, "max_pixels": MAX_PIXELS,
+         "test_fraction": cfg.test_fraction, "files": _file_fingerprint(paths, root), "targets": targets.tolist()}
     )  # fmt: skip
     path = Path(cache_dir or default_cache_dir()) / f"imagefolder-{key[:16]}.npz"
-    ds = _load_npz(path, "imagefolder")
+    ds = _load_npz(path, "imagefolder", frame)
     if ds is not None:
-        return ds
+        return replace(ds, classes=classes)  # names are not part of the pixels: renaming needs no re-render
     start = time.perf_counter()
-    images, ok, failures = _render_many(paths, size, False, MAX_PIXELS, workers, desc=f"rendering {root}")
+    images, ok, failures = _render_many(paths, frame, MAX_PIXELS, workers, desc=f"rendering {root}")
     if failures:
         log.warning("imagefolder: skipped %d of %d files that could not be decoded", len(failures), len(paths))
     if not ok.any():
         raise TinaError(f"none of the {len(paths)} images under {root} could be decoded")
     rel = [os.path.relpath(p, root) for p in np.array(paths)[ok]]
     keys = [os.path.dirname(r) + "/" + group_key(r) for r in rel]
-    ds, _ = _dataset_from_render("imagefolder", classes, images[ok], targets[ok], keys, 0.2, size)
+    ds, test = _dataset_from_render("imagefolder", classes, images[ok], targets[ok], keys, cfg.test_fraction, frame)
     meta = {"root": root, "build_seconds": round(time.perf_counter() - start, 1),
-            "skipped": [[os.path.relpath(p, root), e] for p, e in failures]}  # fmt: skip
+            "skipped": [[os.path.relpath(p, root), e] for p, e in failures],
+            "train_files": np.array(rel)[~test].tolist(), "test_files": np.array(rel)[test].tolist()}  # fmt: skip
     _save_npz(path, _cache_arrays(ds, meta))
     log.info("imagefolder: rendered %d images of %d classes; cached at %s", int(ok.sum()), len(classes), path)
     return ds

@@ -2,7 +2,7 @@
 
 Every prompt class is matched to the vocabulary class it is closest to, by the similarity soft
 selection uses (best cosine to any of a class's prompt variants, tina/anchor.py). From the matches
-and the checkpoint's calibration file (quality.json, written by `python -m tina.calibrate`) come
+and the checkpoint's calibration file (quality.json, written by `python -m evaluation.calibrate`) come
 
   * the expected test accuracy with an 80% range: a logistic model in a few features known without
     test images (k, similarities, margins, collisions, and a prior from the pairwise recall of the
@@ -80,7 +80,7 @@ def load_quality(path: Path, vocab: list[str], fingerprint: str) -> dict | None:
     if q.get("format") != QUALITY_FORMAT:
         raise TinaError(f"{f} has format {q.get('format')!r}; this Tina reads {QUALITY_FORMAT!r}")
     if q.get("vocab") != list(vocab) or q.get("layout_fingerprint") != fingerprint:
-        raise TinaError(f"{f} was calibrated for another vocabulary or layout; rerun python -m tina.calibrate {path}")
+        raise TinaError(f"{f} was calibrated for another vocabulary or layout; rerun python -m evaluation.calibrate {path}")
     V = len(vocab)
     pair = q.get("pair_recall")
     if not isinstance(pair, list) or len(pair) != V or any(len(r) != V for r in pair):
@@ -259,7 +259,7 @@ def assess(classes: list[str], cond: torch.Tensor, vocab: list[str], keys: torch
             a.warnings.append(f"{m.name!r} is narrower than the known class {m.known!r} it resolves to ({m.similarity:.2f}); "
                               f"the model recognises {m.known} in general, not {m.name} specifically")
     if quality is None or "predictor" not in quality:
-        a.basis = "this checkpoint has no calibration (quality.json); run python -m tina.calibrate CHECKPOINT"
+        a.basis = "this checkpoint has no calibration (quality.json); run python -m evaluation.calibrate CHECKPOINT"
         return a
     feats = task_features(matches, quality.get("pair_recall"), quality["predictor"].get("resolution"))
     a.expected, a.low, a.high = predict(quality["predictor"], feats, k)

@@ -2,17 +2,22 @@
 
     model.safetensors   the full state dict (generated + frozen weights)
     config.json         classes in order, target, image spec (normalisation), prompt, generator
-                        fingerprint, seed and sampler settings
+                        fingerprint, seed and sampler settings, sha256 of every other file
     model.pt2           torch.export program with preprocessing inside and a dynamic batch:
                         torch.export.load("model.pt2").module()(images) -> logits (N, k),
                         images float in [0, 1], (N, C, H, W) — no Tina needed
     model.onnx          optional (`formats=("pt2", "onnx")`)
 
-`load_generated(folder)` rebuilds the nn.Module (with `.classes`) from safetensors + JSON only.
+`load_generated(folder)` rebuilds the nn.Module (with `.classes`) from safetensors + JSON only, after
+checking model.safetensors against its recorded sha256. `save_generated` replaces only a folder it
+wrote itself (tina.atomic), and each file is made in memory first, so a full disk is an OSError
+(one line from the CLI), not a C++ abort half-way through a zip writer.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
 import os
@@ -20,14 +25,17 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save
 
-from tina.atomic import atomic_folder
+from tina.atomic import FolderKind, atomic_folder
 from tina.errors import TinaError
-from tina.targets import ImageSpec, TargetNet, get_target
+from tina.targets import TargetNet, get_target
+from tina.validate import check_image_spec, check_state, json_field
 
 log = logging.getLogger(__name__)
 MODEL_FORMAT = "tina-model/1"
+FOLDER = FolderKind("config.json", MODEL_FORMAT, frozenset({"config.json", "model.safetensors", "model.pt2", "model.onnx"}),
+                    "model folder")
 
 
 def export_program(net: TargetNet) -> torch.export.ExportedProgram:
@@ -39,38 +47,48 @@ def export_program(net: TargetNet) -> torch.export.ExportedProgram:
 
 
 def save_generated(net: TargetNet, folder: str | os.PathLike, formats: tuple[str, ...] = ("pt2",)) -> Path:
-    """Write the model folder atomically (temporary folder, then rename)."""
+    """Write the model folder atomically (temporary folder, then an atomic swap); TinaError, before
+    anything is written, when `folder` is a file or a folder Tina did not write (tina.atomic)."""
     folder = Path(folder)
-    if folder.exists() and not (folder / "config.json").is_file():
-        raise TinaError(f"{folder} exists and is not a Tina model folder; choose another --output")
-    with atomic_folder(folder) as tmp:
-        info = dict(getattr(net, "tina_info", {}))
-        config = {
-            "format": MODEL_FORMAT,
-            "classes": list(net.classes),
-            "num_classes": len(net.classes),
-            "target": info.pop("target", None) or _target_name(net),
-            "image": net.image.to_dict(),
-            "num_parameters": sum(p.numel() for p in net.parameters()),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            **{k: v for k, v in info.items() if k != "seconds"},
-            "usage": "torch.export.load('model.pt2').module()(images) with images float in [0, 1], shape (N, "
-                     f"{net.image.channels}, {net.image.size}, {net.image.size}) -> logits (N, {len(net.classes)})",
-        }
-        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp / "model.safetensors")
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        if "pt2" in formats:
-            torch.export.save(export_program(net), tmp / "model.pt2")
-        if "onnx" in formats:
-            _save_onnx(net, tmp / "model.onnx")
+    files = {"model.safetensors": save({k: v.contiguous() for k, v in net.state_dict().items()})}
+    if "pt2" in formats:
+        buf = io.BytesIO()
+        torch.export.save(export_program(net), buf)
+        files["model.pt2"] = buf.getvalue()
+    if "onnx" in formats:
+        files["model.onnx"] = _onnx_bytes(net)
+    info = dict(getattr(net, "tina_info", {}))
+    config = {
+        "format": MODEL_FORMAT,
+        "classes": list(net.classes),
+        "num_classes": len(net.classes),
+        "target": info.pop("target", None) or _target_name(net),
+        "image": net.image.to_dict(),
+        "num_parameters": sum(p.numel() for p in net.parameters()),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **{k: v for k, v in info.items() if k not in ("seconds", "sha256")},
+        "usage": "torch.export.load('model.pt2').module()(images) with images float in [0, 1], shape (N, "
+                 f"{net.image.channels}, {net.image.size}, {net.image.size}) -> logits (N, {len(net.classes)}); "
+                 "tina.images.load_image(path, ImageSpec.from_dict(config['image'])) reads a file the way training did",
+        "sha256": {name: hashlib.sha256(data).hexdigest() for name, data in files.items()},
+    }
+    files["config.json"] = json.dumps(config, indent=2).encode()
+    with atomic_folder(folder, FOLDER) as tmp:
+        for name, data in files.items():
+            with open(tmp / name, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
     return folder
 
 
-def _save_onnx(net: TargetNet, path: Path) -> None:
+def _onnx_bytes(net: TargetNet) -> bytes:
     try:
+        buf = io.BytesIO()
         example = torch.rand(2, net.image.channels, net.image.size, net.image.size)
-        torch.onnx.export(net.eval(), (example,), str(path), input_names=["images"], output_names=["logits"],
+        torch.onnx.export(net.eval(), (example,), buf, input_names=["images"], output_names=["logits"],
                           dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+        return buf.getvalue()
     except Exception as e:  # noqa: BLE001 - missing onnx package or exporter errors
         raise TinaError(f"ONNX export failed ({e}); install the onnx extra: pip install 'tina[onnx]'") from None
 
@@ -80,23 +98,39 @@ def _target_name(net: TargetNet) -> str:
 
 
 def load_generated(folder: str | os.PathLike) -> TargetNet:
-    """nn.Module with `.classes` from a generated model folder (safetensors + JSON, strict)."""
+    """nn.Module with `.classes` from a generated model folder (safetensors + JSON, checksummed, strict)."""
     folder = Path(folder)
     cfg_path, w_path = folder / "config.json", folder / "model.safetensors"
+    if not folder.is_dir():
+        raise TinaError(f"{str(folder)!r} is not a folder (pass a folder written by tina generate)")
     if not cfg_path.is_file() or not w_path.is_file():
         raise TinaError(f"{folder} is not a generated model folder (needs config.json and model.safetensors)")
     try:
         cfg = json.loads(cfg_path.read_text())
-        state = load_file(w_path)
-    except Exception as e:  # noqa: BLE001
-        raise TinaError(f"{folder}: corrupt model files ({e})") from None
-    if cfg.get("format") != MODEL_FORMAT:
-        raise TinaError(f"{folder}: format {cfg.get('format')!r}, expected {MODEL_FORMAT!r}")
-    net = get_target(cfg["target"]).build(int(cfg["num_classes"]), ImageSpec.from_dict(cfg["image"]))
+        data = w_path.read_bytes()
+    except (OSError, ValueError) as e:
+        raise TinaError(f"{cfg_path}: unreadable or not JSON ({e})") from None
+    if not isinstance(cfg, dict) or cfg.get("format") != MODEL_FORMAT:
+        raise TinaError(f"{cfg_path}: format {cfg.get('format') if isinstance(cfg, dict) else None!r}, expected {MODEL_FORMAT!r}")
+    sums = json_field(cfg, "sha256", dict, cfg_path, required=False)
+    if sums is None:
+        log.warning("%s records no checksums (written before they existed); weights not verified", cfg_path)
+    elif hashlib.sha256(data).hexdigest() != sums.get("model.safetensors"):
+        raise TinaError(f"{w_path} does not match the sha256 in config.json (corrupt or edited); generate the model again")
+    classes = json_field(cfg, "classes", list, cfg_path)
+    k = json_field(cfg, "num_classes", int, cfg_path)
+    if len(classes) != k or not all(isinstance(c, str) for c in classes):
+        raise TinaError(f"{cfg_path}: 'classes' must be {k} names (num_classes)")
+    image = check_image_spec(json_field(cfg, "image", dict, cfg_path), cfg_path)
     try:
-        net.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise TinaError(f"{folder}: weights do not match config.json: {str(e).splitlines()[0]}") from None
-    net.classes = list(cfg["classes"])
+        net = get_target(json_field(cfg, "target", str, cfg_path)).build(k, image)
+    except ValueError as e:
+        raise TinaError(f"{cfg_path}: {e}") from None
+    try:
+        state = load(data)
+    except Exception as e:  # noqa: BLE001 - safetensors raises several error types for bad files
+        raise TinaError(f"{w_path} is corrupt ({e})") from None
+    check_state(net, state, w_path)
+    net.classes = list(classes)
     net.tina_info = cfg
     return net.eval()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from dataclasses import dataclass
 
 import lightning as L
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 
 from tina.accuracy import accuracy, task_test_set
+from tina.config import at_least
 from tina.diffusion import DiffusionConfig, make_scheduler, sample_tokens, scheduler_config, training_loss
 from tina.layout import ParamLayout
 from tina.model import DiT
@@ -31,6 +33,11 @@ class OptimConfig:
     min_lr_ratio: float = 0.05  # cosine decays to lr * min_lr_ratio at max_steps
     ema_decay: float = 0.999
 
+    def __post_init__(self):
+        if not (math.isfinite(self.lr) and self.lr > 0 and 0 <= self.ema_decay < 1 and 0 <= self.min_lr_ratio <= 1):
+            raise ValueError(f"optim needs lr > 0, 0 <= ema_decay < 1 and 0 <= min_lr_ratio <= 1, got {self}")
+        at_least("optim", warmup_steps=(self.warmup_steps, 0), weight_decay=(self.weight_decay, 0))
+
 
 @dataclass
 class ValConfig:
@@ -42,14 +49,18 @@ class ValConfig:
     split: str = "auto"
     images_per_class: int = 200
 
+    def __post_init__(self):
+        at_least("val", tasks=(self.tasks, 1), images_per_class=(self.images_per_class, 1))
+
 
 class TinaLitModule(L.LightningModule):
     """Trains a DiT on zoo examples; keeps an EMA copy used for validation and export."""
 
     def __init__(self, dit: DiT, layout: ParamLayout, diffusion: DiffusionConfig, optim: OptimConfig, max_steps: int,
                  val: ValConfig | None = None, val_models: list[dict] | None = None, dataset=None, target: str | None = None,
-                 anchor=None):
+                 anchor=None, seed: int = 0):
         super().__init__()
+        self.seed = seed
         self.dit = dit
         self.ema = copy.deepcopy(dit).requires_grad_(False)
         self.layout, self.diffusion, self.optim_cfg, self.max_steps = layout, diffusion, optim, max_steps
@@ -58,13 +69,25 @@ class TinaLitModule(L.LightningModule):
         self.val_cfg, self.val_models, self.dataset, self.target = val, val_models or [], dataset, target
         self.anchor = anchor  # tina.anchor.SelectionAnchor when the DiT generates residuals
 
+    def on_train_batch_start(self, batch, batch_idx):
+        # This step's timesteps, noise and condition dropout are drawn from (seed, rank, step), not from
+        # the RNG's history: a run resumed from a checkpoint draws exactly what the uninterrupted run drew.
+        state = np.random.SeedSequence([self.seed, self.global_rank, self.global_step]).generate_state(2)
+        torch.manual_seed(int(state[0]) << 32 | int(state[1]))
+
     def training_step(self, batch, batch_idx):
         loss = training_loss(self.dit, self.scheduler, batch["x0"], batch["elem_mask"], batch["cond"], batch["cond_mask"],
                              self.diffusion.cond_dropout, self.diffusion.high_noise_fraction)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["x0"].shape[0])
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx):
+    def optimizer_step(self, *args, **kwargs):
+        super().optimizer_step(*args, **kwargs)
+        # Here, not in on_train_batch_end: Lightning saves step checkpoints before the module's
+        # on_train_batch_end runs, so an EMA updated there would be one step behind in the checkpoint.
+        self._update_ema()
+
+    def _update_ema(self):
         # Warm the EMA up (as in many diffusion codebases) so early validations are meaningful.
         step = self.global_step
         decay = min(self.optim_cfg.ema_decay, (1 + step) / (10 + step))
@@ -92,7 +115,9 @@ class TinaLitModule(L.LightningModule):
 
     @torch.no_grad()
     def on_validation_epoch_end(self):
-        if not self.val_models or self.dataset is None or self.trainer.sanity_checking:
+        # Rank zero only: every rank would generate the same models; the others go on to the next
+        # step's gradient all-reduce and wait there.
+        if not self.val_models or self.dataset is None or self.trainer.sanity_checking or not self.trainer.is_global_zero:
             return
         metrics = validate_generated(self.ema, self.layout, self.sched_config, self.val_models, self.dataset, self.target,
                                      self.val_cfg, self.diffusion, anchor=self.anchor)

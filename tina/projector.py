@@ -340,12 +340,18 @@ def attach_projector(bundle_path, dataset_name: str | None = None, data_root: st
     """
     from tina.bundle import load_bundle, save_bundle
     from tina.datasets import load_dataset
+    from tina.prompts import normalize_class
     from tina.sample import resolve_checkpoint
 
     cfg = make_config(cfg_overrides)
     path = resolve_checkpoint(bundle_path)
     bundle = load_bundle(path)
-    dataset = load_dataset(dataset_name or bundle.dataset, data_root)
+    dataset = load_dataset(dataset_name or bundle.meta.get("dataset_config") or bundle.dataset, data_root)
+    known = set(normalize_class(n) for n in bundle.vocab)
+    if known < set(normalize_class(c) for c in dataset.classes):
+        # A generator whose zoo held classes out never saw them: neither may its image projector.
+        dataset = dataset.subset([i for i, c in enumerate(dataset.classes) if normalize_class(c) in known])
+        log.info("training the projector on the %d classes of the generator's vocabulary", len(dataset.classes))
     class_emb = vocab_embeddings_for(bundle, dataset.classes, dataset.name)
     if (dataset.image.channels, dataset.image.size) != (bundle.image.channels, bundle.image.size):
         raise TinaError(f"dataset {dataset.name} has images {dataset.image}, but the generator takes {bundle.image}")

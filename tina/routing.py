@@ -48,7 +48,7 @@ class Card:
         return {"name": self.name, "path": str(self.path), "dataset": self.dataset,
                 "domain": f"{self.image.size}x{self.image.size} {kind} images of {self.dataset}",
                 "k_max": self.k_max, "vocabulary": self.vocab,
-                "quality": q.get("summary", "not calibrated (python -m tina.calibrate CHECKPOINT)"),
+                "quality": q.get("summary", "not calibrated (python -m evaluation.calibrate CHECKPOINT)"),
                 "unknown_similarity": self.threshold}
 
 
@@ -56,17 +56,18 @@ def read_card(path: str | Path, name: str | None = None) -> Card:
     """A card from a generator folder: bundle.json, vocab.json, two tensors of weights.safetensors, quality.json."""
     from safetensors import safe_open
 
+    from tina.bundle import read_meta
+
     path = resolve_checkpoint(path)
+    meta, image, vocab = read_meta(path)
     try:
-        meta = json.loads((path / "bundle.json").read_text())
-        vocab = json.loads((path / "vocab.json").read_text())
         with safe_open(str(path / "weights.safetensors"), "pt") as f:
             names = set(f.keys())
             vocab_emb = f.get_tensor("vocab.names").float()
             keys = f.get_tensor("anchor.keys").float() if "anchor.keys" in names else vocab_emb[:, None]
     except Exception as e:  # noqa: BLE001 - unreadable JSON, a corrupt or incomplete safetensors file
         raise TinaError(f"checkpoint {path} is unreadable or incomplete: {e}") from None
-    return Card(name or checkpoint_name(path), path, meta["dataset"], ImageSpec.from_dict(meta["image"]),
+    return Card(name or checkpoint_name(path), path, meta["dataset"], image,
                 meta["text_encoder"], int(meta["k_max"]), vocab, vocab_emb, keys,
                 load_quality(path, vocab, meta["layout_fingerprint"]))
 

@@ -28,6 +28,7 @@ from tina.expected import Assessment, assess
 from tina.prompts import parse_prompt
 from tina.registry import AUTO, resolve_checkpoint  # noqa: F401 - resolve_checkpoint is part of this module's API
 from tina.targets import TargetNet, get_target
+from tina.validate import check_sampling
 
 log = logging.getLogger(__name__)
 @dataclass
@@ -39,6 +40,17 @@ class Task:
     cond: torch.Tensor  # (k, E)
     warnings: list[str] = field(default_factory=list)
     assessment: Assessment | None = None  # matches, expected accuracy (tina/expected.py)
+
+
+def tokens_to_flat(bundle: Bundle, tokens: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    """Normalised tokens (>= T(k), C) of one k-class task with conditions cond (k, E) -> flat weights (P,).
+
+    With an anchor the tokens hold the residual from (soft) classifier selection of each class."""
+    layout, k = bundle.layout, cond.shape[0]
+    flat = layout.denormalize(layout.detokenize(tokens[: layout.num_tokens(k)].float().cpu(), k), k)
+    if bundle.anchor is not None:
+        flat = flat + bundle.anchor.soft_origin(bundle.anchor.weights(cond.float().cpu()))
+    return flat
 
 
 def build_model(bundle: Bundle, flat: torch.Tensor, classes: list[str]) -> TargetNet:
@@ -126,6 +138,8 @@ class Tina:
     def make_task(self, prompt: str | None = None, classes: list[str] | None = None, images: dict | None = None) -> Task:
         from tina.prompts import normalize_class
 
+        if classes and prompt is not None:
+            raise TinaError("give a prompt or a list of classes, not both")
         if classes:
             classes = [normalize_class(c) for c in classes]
             _check_classes(classes)
@@ -156,8 +170,9 @@ class Tina:
         self, tasks: list[Task], seed: int = 0, steps: int | None = None, guidance: float | None = None, sampler: str | None = None,
     ) -> list[TargetNet]:
         """All tasks in one batched reverse process (tasks of different k are padded and masked)."""
+        check_sampling(seed, steps, guidance)
         d = self.bundle.meta.get("sampling", {})
-        steps = steps or d.get("steps", 25)
+        steps = d.get("steps", 25) if steps is None else steps
         guidance = d.get("guidance", 1.0) if guidance is None else guidance
         sampler = sampler or d.get("sampler", "ddim")
         t0 = time.perf_counter()
@@ -176,11 +191,7 @@ class Tina:
         models = []
         layout = self.bundle.layout
         for i, t in enumerate(tasks):
-            k = len(t.classes)
-            flat = layout.denormalize(layout.detokenize(tokens[i, : layout.num_tokens(k)], k), k)
-            if self.bundle.anchor is not None:  # residual from (soft) classifier selection of each class
-                flat = flat + self.bundle.anchor.soft_origin(self.bundle.anchor.weights(t.cond))
-            net = build_model(self.bundle, flat, t.classes)
+            net = build_model(self.bundle, tokens_to_flat(self.bundle, tokens[i], t.cond), t.classes)
             net.tina_info = {
                 "prompt": t.prompt, "classes": t.classes, "seed": seed, "steps": steps, "guidance": guidance,
                 "sampler": sampler, "warnings": t.warnings, "generator_fingerprint": layout.fingerprint,

@@ -22,19 +22,36 @@ from tina.errors import TinaError
 
 @dataclass(frozen=True)
 class ImageSpec:
-    """What a target needs to know about its input images."""
+    """What a target needs to know about its input images, and how a user's image file becomes one
+    (tina/images.py reads `size`, `channels`, `background` and `crop`; the model applies `mean`/`std`)."""
 
     channels: int  # 1 for Fashion-MNIST, 3 for RGB
     size: int  # square side in pixels
     mean: tuple[float, ...]  # per-channel normalisation, applied inside the model
     std: tuple[float, ...]
+    # Grey level (0-255) around an image that does not fill the square. 0 marks a light-on-dark
+    # dataset (Fashion-MNIST): a user's image whose border is light is inverted to match it.
+    background: int = 255
+    crop: bool = False  # trim blank margins before resizing (the clip-art renderer does)
+
+    def __post_init__(self):
+        if self.channels not in (1, 3) or self.size < 1 or not 0 <= self.background <= 255:
+            raise ValueError(f"ImageSpec needs channels 1 or 3, size >= 1 and background in [0, 255], got {self}")
+
+    def __post_init__(self):
+        if not all(s > 0 for s in self.std):  # also catches NaN: the model divides by std
+            raise TinaError(f"image std must be > 0 for every channel, got {list(self.std)}")
 
     def to_dict(self) -> dict:
-        return {"channels": self.channels, "size": self.size, "mean": list(self.mean), "std": list(self.std)}
+        return {"channels": self.channels, "size": self.size, "mean": list(self.mean), "std": list(self.std),
+                "background": self.background, "crop": self.crop}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ImageSpec":
-        return cls(int(d["channels"]), int(d["size"]), tuple(d["mean"]), tuple(d["std"]))
+        # Files written before `background` existed: grey meant Fashion-MNIST (light on black).
+        background = int(d.get("background", 0 if int(d["channels"]) == 1 else 255))
+        return cls(int(d["channels"]), int(d["size"]), tuple(d["mean"]), tuple(d["std"]), background,
+                   bool(d.get("crop", False)))
 
 
 class Normalize(nn.Module):

@@ -6,7 +6,9 @@ Encoder names (stable: they are written into zoo manifests and bundles and check
                                           package, text only
   open_clip:<arch>/<tag>                  open_clip <arch> with the weights of a pretrained <tag>,
                                           e.g. open_clip:ViT-B-32/openai (text and image towers)
-  open_clip:<arch>/<path>                 ... with a local open_clip checkpoint. Everything after the
+  open_clip:<arch>/<path>                 ... with a local open_clip checkpoint (OpenAI's weights: an
+                                          <arch>-quickgelu arch, e.g. ViT-B-32-quickgelu; a checkpoint whose
+                                          open_clip_config.json or path says otherwise is an error). Everything after the
                                           first "/" that follows <arch> is the weights; it is a path
                                           when it contains a "/" (tags never do), so write
                                           open_clip:ViT-B-32//abs/ckpt.bin or open_clip:ViT-B-32/./ckpt.bin
@@ -30,6 +32,7 @@ import os
 # Must precede any import of huggingface_hub / sentence_transformers / open_clip (they read it once).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import json
 import logging
 import threading
 import time
@@ -187,8 +190,10 @@ class OpenClipEncoder(TextEncoder):
         """Path of the checkpoint to load, None for random weights; raises TinaError when it is not here."""
         if self.weights == "random":
             return None
-        if "/" in self.weights or "\\" in self.weights or self.weights.startswith("~"):
-            return _find_checkpoint_file(Path(self.weights).expanduser(), self.name)
+        if _is_path(self.weights):
+            path = _find_checkpoint_file(Path(self.weights).expanduser(), self.name)
+            self._check_activation(open_clip, path)
+            return path
         tags = open_clip.list_pretrained_tags_by_model(self.arch)
         self.tag_cfg = open_clip.get_pretrained_cfg(self.arch, self.weights) or {}
         if not self.tag_cfg:
@@ -213,6 +218,31 @@ class OpenClipEncoder(TextEncoder):
             return open_clip.pretrained.download_pretrained(self.tag_cfg)
         except Exception as e:  # network errors come in many types
             raise TinaError(f"could not download weights for {self.name}: {e}") from e
+
+    def _check_activation(self, open_clip, path: str) -> None:
+        """A local checkpoint must run with the activation it was trained with; open_clip would only warn.
+
+        OpenAI's CLIP weights need QuickGELU (archs named <arch>-quickgelu); most others GELU. The
+        checkpoint's own open_clip_config.json (beside it in hub downloads) decides when it is there,
+        else a path naming OpenAI; a mismatch is an error, never a silently different encoder.
+        """
+        arch_quick = bool(open_clip.get_model_config(self.arch).get("quick_gelu", False))
+        sidecar = Path(path).parent / "open_clip_config.json"
+        want, why = None, ""
+        if sidecar.is_file():
+            try:
+                want = bool(json.loads(sidecar.read_text()).get("model_cfg", {}).get("quick_gelu", False))
+                why = f"{sidecar} says quick_gelu={want}"
+            except (OSError, ValueError, AttributeError):
+                log.warning("ignoring unreadable %s", sidecar)
+        if want is None and "openai" in str(path).lower():
+            want, why = True, f"{path} names OpenAI's weights, which were trained with QuickGELU"
+        if want is None or want == arch_quick:
+            return
+        base = self.arch[: -len("-quickgelu")] if self.arch.endswith("-quickgelu") else self.arch
+        fix = f"{base}-quickgelu" if want else base
+        raise TinaError(f"{self.name}: {why}, but open_clip {self.arch} uses {'QuickGELU' if arch_quick else 'GELU'}; "
+                        f"use open_clip:{fix}/{self.weights}")
 
     def _load(self) -> None:
         import open_clip
@@ -377,6 +407,23 @@ def build_text_encoder(name: str, device: str | torch.device = "cpu") -> TextEnc
             )
         return OpenClipEncoder(arch, weights, device)
     raise TinaError(f"unknown text encoder '{name}'; valid forms: {ENCODER_FORMS}")
+
+
+def _is_path(weights: str) -> bool:
+    return "/" in weights or "\\" in weights or weights.startswith("~")
+
+
+def encoder_satisfies(name: str, expected: str) -> bool:
+    """Whether encoder `name` meets a setting that asks for `expected`: the same name, or the same
+    open_clip architecture (activation included) with a local checkpoint standing in for a tag's weights."""
+    if name == expected:
+        return True
+    prefix = "open_clip:"
+    if not (name.startswith(prefix) and expected.startswith(prefix)):
+        return False
+    arch, _, weights = name[len(prefix) :].partition("/")
+    want_arch, _, want_weights = expected[len(prefix) :].partition("/")
+    return arch == want_arch and _is_path(weights) and not _is_path(want_weights)
 
 
 _CACHE: dict[tuple[str, str], TextEncoder] = {}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from tina.config import load_config, save_config
+from tina.config import at_least, load_config, save_config
 from tina.data import (
     AugmentConfig, ZooDataModule, fit_layout_stats, layout_from_manifest, load_anchor, load_split, read_manifest,
 )  # fmt: skip
@@ -24,6 +24,7 @@ from tina.errors import TinaError
 from tina.layout import ParamLayout
 from tina.lit_module import OptimConfig, TinaLitModule, ValConfig, validate_generated
 from tina.model import DIT_SIZES, build_dit
+from tina.validate import ArgumentParser, writable_folder
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,12 @@ class TrainerConfig:
     ckpt_every: int = 500
     seed: int = 0
     final_val_tasks: int = 100  # held-out tasks measured at the end, written into the bundle
+
+    def __post_init__(self):
+        at_least("trainer", max_steps=(self.max_steps, 1), batch_size=(self.batch_size, 1), workers=(self.workers, 0),
+                 num_nodes=(self.num_nodes, 1), grad_clip=(self.grad_clip, 0), val_every=(self.val_every, 1),
+                 log_every=(self.log_every, 1), ckpt_every=(self.ckpt_every, 1), seed=(self.seed, 0),
+                 final_val_tasks=(self.final_val_tasks, 0))
 
 
 @dataclass
@@ -97,21 +104,32 @@ def _devices(spec: str):
     return int(spec)
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Fit, then export the EMA generator to OUT/bundle; returns the bundle path."""
+def _rank() -> tuple[int, int]:
+    """(global rank, world size) as the launcher set them (torchrun, SLURM, Lightning's ddp re-launch);
+    (0, 1) in a single process and in the parent of ddp_spawn, which is rank zero."""
+    import os
+
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    return int(getattr(rank_zero_only, "rank", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def train(cfg: TrainConfig) -> Path | None:
+    """Fit, then export the EMA generator to OUT/bundle; returns the bundle path on rank zero, None on
+    the other ranks. Only rank zero validates and writes (config, checkpoints, logs, bundle)."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
     from safetensors.torch import load_file
 
     from tina.bundle import Bundle, save_bundle
-    from tina.datasets import load_dataset
+    from tina.datasets import DatasetConfig, load_dataset
     from tina.targets import ImageSpec
 
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-    L.seed_everything(cfg.trainer.seed, workers=True)
+    rank, world = _rank()
+    log.info("rank %d/%d: preparing (zoo %s, run %s)", rank, world, cfg.zoo, cfg.out)
+    out = writable_folder(cfg.out, "out", create=False)  # created once the zoo has passed its checks
+    L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)  # no stderr line of its own
 
     zoo = Path(cfg.zoo)
     man = read_manifest(zoo)
@@ -121,18 +139,24 @@ def train(cfg: TrainConfig) -> Path:
     anchor = load_anchor(zoo, layout) if cfg.residual else None
     fit_layout_stats(zoo, layout, anchor=anchor)
     vocab_t = load_file(zoo / "vocab.safetensors")
+    # Strictly held-out classes stay out of the generator's vocabulary (and its anchor): it never hears their names.
+    held = set(man.get("held_out_classes", []))
+    known = [c for c in range(len(man["dataset"]["classes"])) if c not in held]
     cond_dim = vocab_t["names"].shape[-1]
     dit = build_dit(cfg.generator.size, token_size=layout.token_size, n_body_tokens=layout.n_body_tokens,
                     tokens_per_class=layout.tokens_per_class, cond_dim=cond_dim)
     log.info("generator %s: %.2fM parameters; %r", cfg.generator.size, sum(p.numel() for p in dit.parameters()) / 1e6, layout)
 
-    dataset = load_dataset(man["dataset"]["name"], cfg.data_root or man["dataset"].get("root"))
+    dataset = load_dataset(man["dataset"], cfg.data_root)
     cfg.val.split = resolve_val_split(man, cfg.val.split)
     val_models = load_split(zoo, cfg.val.split, limit=cfg.val.tasks)
     module = TinaLitModule(dit, layout, cfg.diffusion, cfg.optim, cfg.trainer.max_steps, cfg.val, val_models, dataset, man["target"],
-                          anchor)
+                          anchor, seed=cfg.trainer.seed)
     data = ZooDataModule(zoo, layout, cfg.augment, cfg.trainer.batch_size, cfg.trainer.workers, cfg.trainer.seed, anchor)
 
+    if rank == 0:  # only rank zero writes
+        writable_folder(out, "out")
+        save_config(cfg, out / "config.yaml")
     precision = cfg.trainer.precision
     if precision == "auto":
         precision = "bf16-mixed" if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda") else "32-true"
@@ -158,10 +182,12 @@ def train(cfg: TrainConfig) -> Path:
     last = ckpt_dir / "last.ckpt"
     t0 = time.perf_counter()
     # Resuming reads a Lightning checkpoint this run wrote itself (never a user-supplied file).
+    log.info("rank %d/%d: fitting %d steps", trainer.global_rank, trainer.world_size, cfg.trainer.max_steps)
     trainer.fit(module, datamodule=data, ckpt_path=str(last) if cfg.resume and last.is_file() else None)
     seconds = time.perf_counter() - t0
+    log.info("rank %d/%d: fit done in %.0f s", trainer.global_rank, trainer.world_size, seconds)
     if not trainer.is_global_zero:
-        return out / "bundle"
+        return None
 
     ema = module.ema.float().cpu().eval()
     final_models = load_split(zoo, cfg.val.split, limit=cfg.trainer.final_val_tasks)
@@ -176,13 +202,14 @@ def train(cfg: TrainConfig) -> Path:
     bundle = Bundle(
         dit=ema, layout=layout, scheduler_config=module.sched_config, target=man["target"], image=image,
         dataset=man["dataset"]["name"], text_encoder=man["text_encoder"], k_max=int(man["config"]["tasks"]["k_max"]),
-        vocab=list(man["dataset"]["classes"]), vocab_emb=vocab_t["names"].float(), base=base, anchor=anchor,
+        vocab=[man["dataset"]["classes"][c] for c in known], vocab_emb=vocab_t["names"].float()[known], base=base, anchor=anchor,
         meta={
+            "dataset_config": DatasetConfig.from_record(man["dataset"]).record(),  # the demo's sample images
             "sampling": {"sampler": cfg.diffusion.sampler, "steps": cfg.diffusion.steps, "guidance": cfg.diffusion.guidance},
             "metrics": {"split": cfg.val.split, "tasks": len(final_models), **metrics},
             "training": {"steps": int(trainer.global_step), "seconds": round(seconds, 1), "device": str(precision) + " " + (
                 torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"), "generator_size": cfg.generator.size,
-                "zoo": str(zoo), "zoo_models": int(man["counts"].get("train", 0)), "zoo_config_hash": man.get("config_hash")},
+                "zoo": str(zoo), "zoo_models": data.num_models, "zoo_config_hash": man.get("config_hash")},
         },
     )
     path = save_bundle(bundle, out / "bundle", config_yaml=(out / "config.yaml").read_text())
@@ -191,14 +218,13 @@ def train(cfg: TrainConfig) -> Path:
 
 
 def main(argv: list[str]) -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="tina train", description="Train a generator on a zoo and export a bundle.")
+    ap = ArgumentParser(prog="tina train", description="Train a generator on a zoo and export a bundle.")
     ap.add_argument("config", help="YAML config (configs/train/*.yaml)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.max_steps=100")
     args = ap.parse_args(argv)
     cfg = load_config(TrainConfig, args.config, args.overrides)
     path = train(cfg)
-    print(f"generator bundle: {path}")
+    if path is not None:  # rank zero, after the bundle is on disk; other ranks print nothing
+        print(f"generator bundle: {path}")
     return 0
 

@@ -26,13 +26,14 @@ from tqdm.auto import tqdm
 from tina.config import config_hash, load_config, save_config
 from tina.errors import TinaError
 from tina.layout import ParamLayout, layout_for
+from tina.validate import ArgumentParser, writable_folder
 from zoo_builder import fit, generic
 from zoo_builder.config import ZooConfig, identity, identity_hash
 from zoo_builder.shards import (
     MANIFEST, PLAN, VOCAB, build_manifest, encode_sample, load_vocab, plan_shards, read_json, remove_stale_tmp,
     write_json, write_shard, write_vocab,
 )  # fmt: skip
-from zoo_builder.tasks import TaskPlan, sample_tasks, task_number
+from zoo_builder.tasks import TaskPlan, nearest_known, sample_tasks, task_number
 
 log = logging.getLogger(__name__)
 WAIT_SECONDS = 6 * 3600  # how long a rank > 0 waits for rank 0 to prepare
@@ -50,17 +51,16 @@ def prepare(cfg: ZooConfig, zoo: Path, dataset) -> dict:
     from tina.text import get_text_encoder
 
     layout = layout_for(cfg.target, dataset.image, cfg.token_size)
-    if generic.load_generic(zoo, cfg, layout.fingerprint) is None:
+    plan = sample_tasks(len(dataset.classes), cfg.tasks)
+    if generic.load_generic(zoo, cfg, layout.fingerprint, plan.held_out_classes) is None:
         features = frozen_features(cfg, dataset, None)
-        net, metrics = generic.train_generic(cfg, dataset, layout.fingerprint, features)
+        net, metrics = generic.train_generic(cfg, dataset, layout.fingerprint, features, plan.held_out_classes)
         generic.save_generic(zoo, net, metrics)
     if not (zoo / "vocab.safetensors").is_file():
         log.info("encoding %d classes x %d variants with %s", len(dataset.classes), NUM_VARIANTS, cfg.text_encoder)
         write_vocab(zoo, dataset.classes, get_text_encoder(cfg.text_encoder), class_variants)
-    plan = sample_tasks(len(dataset.classes), cfg.tasks)
     plan_json = {
-        "dataset": {"name": cfg.dataset.name, "root": cfg.dataset.root, "classes": list(dataset.classes),
-                    "image": dataset.image.to_dict()},
+        "dataset": {**cfg.dataset.record(), "classes": list(dataset.classes), "image": dataset.image.to_dict()},
         "target": cfg.target, "token_size": cfg.token_size,
         "layout": layout.to_dict(), "layout_fingerprint": layout.fingerprint,
         "text_encoder": cfg.text_encoder, "num_variants": NUM_VARIANTS,
@@ -115,6 +115,7 @@ class ShardContext:
     names: list[str]  # class names
     variants: torch.Tensor  # (num_classes, V, E) text embeddings
     prompts: list[list[str]]  # variant strings per class
+    proxy: dict[int, int]  # strictly held-out class -> nearest known class by name embedding (its selection row)
     group_size: int  # models per stacked computation (runtime, resolved for the device)
     models_per_call: int  # models per forward/backward call (0 = the whole group)
 
@@ -130,7 +131,8 @@ def build_shards(ctx: ShardContext, shards: list, pool: ThreadPoolExecutor, bar)
     def run(j):
         # Each model's random stream is keyed by its task number: results never depend on grouping or scheduling.
         keys = fit.model_keys(fc.seed, [task_number(t.task_id) for t in groups[j]])
-        res = fit.fit_group(ctx.net, ctx.generic, [list(t.classes) for t in groups[j]], keys, ctx.data, fc, ctx.models_per_call)
+        res = fit.fit_group(ctx.net, ctx.generic, [list(t.classes) for t in groups[j]], keys, ctx.data, fc, ctx.models_per_call,
+                            ctx.proxy)
         bar.update(len(groups[j]))
         return res
 
@@ -180,17 +182,25 @@ def build(cfg: ZooConfig, rank: int = 0, world_size: int = 1) -> dict | None:
 
     if not 0 <= rank < world_size:
         raise TinaError(f"rank must be in [0, world_size), got rank={rank} world_size={world_size}")
-    zoo = Path(cfg.out)
-    zoo.mkdir(parents=True, exist_ok=True)
+    zoo = writable_folder(cfg.out, "out", create=False)  # created once the config has passed its checks
     device = cfg.runtime.resolved_device()
     threads, workers = cfg.runtime.resolved_threads(), cfg.runtime.resolved_workers(device)
     torch.set_num_threads(threads)
     fit.tune_malloc()
     t0 = time.perf_counter()
 
-    dataset = load_dataset(cfg.dataset.name, cfg.dataset.root)
+    log.info("rank %d/%d: loading %s", rank, world_size, cfg.dataset.name)
+    dataset = load_dataset(cfg.dataset)
+    if cfg.tasks.k_max > len(dataset.classes):
+        raise TinaError(f"tasks.k_max={cfg.tasks.k_max} exceeds the {len(dataset.classes)} classes of {cfg.dataset.name}")
+    writable_folder(zoo, "out")
     layout = layout_for(cfg.target, dataset.image, cfg.token_size)
     plan_path = zoo / PLAN
+    if rank == 0 and not (zoo / VOCAB).is_file():
+        # Missing or wrong text-encoder weights fail now, not after the generic model has trained.
+        from tina.text import get_text_encoder
+
+        get_text_encoder(cfg.text_encoder).load()
     if plan_path.is_file():
         _check_plan(read_json(plan_path), cfg, layout, zoo)
     if rank == 0:
@@ -205,14 +215,19 @@ def build(cfg: ZooConfig, rank: int = 0, world_size: int = 1) -> dict | None:
         log.info("%s is already complete", zoo)
         return read_json(zoo / MANIFEST)
 
-    loaded = generic.load_generic(zoo, cfg, layout.fingerprint)
+    loaded = generic.load_generic(zoo, cfg, layout.fingerprint, plan.held_out_classes)
     if loaded is None:
         raise TinaError(f"{zoo / generic.GENERIC_WEIGHTS} is missing or was trained with other settings; delete {zoo} and rebuild")
     state = loaded[0]
     features = frozen_features(cfg, dataset, state)
     data = make_fit_data(cfg, dataset, state, features).to(device)
+    vocab = load_vocab(zoo)
+    proxy = nearest_known(vocab["names"], plan.held_out_classes)
+    if proxy:
+        log.info("held-out classes start from their nearest known class: %s",
+                 ", ".join(f"{dataset.classes[h]} -> {dataset.classes[k]}" for h, k in proxy.items()))
     ctx = ShardContext(cfg, zoo, _fit_net(cfg, dataset.image, layout.feature_dim), state, data, layout,
-                       list(dataset.classes), load_vocab(zoo)["variants"], [class_variants(c) for c in dataset.classes],
+                       list(dataset.classes), vocab["variants"], [class_variants(c) for c in dataset.classes], proxy,
                        cfg.runtime.resolved_group_size(device), cfg.runtime.models_per_call(device, cfg.finetune.batch_size))
 
     mine = [s for s in shards if s.index % world_size == rank]
@@ -259,7 +274,7 @@ def _wait_for_plan(plan_path: Path, cfg: ZooConfig, layout: ParamLayout) -> dict
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: `build CONFIG [key=value ...] [--rank R --world-size W]`. TinaError -> message, exit 2."""
-    ap = argparse.ArgumentParser(prog="python -m zoo_builder", description="Build a zoo of personalized models.")
+    ap = ArgumentParser(prog="python -m zoo_builder", description="Build a zoo of personalized models.")
     sub = ap.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="build or resume a zoo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     b.add_argument("config", help="a YAML file, e.g. configs/zoo/fashion_mnist.yaml")

@@ -12,14 +12,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from tina.config import config_hash, to_dict
-
-
-@dataclass
-class DatasetConfig:
-    """Which images the models are trained on."""
-
-    name: str = "fashion-mnist"  # a tina.datasets name
-    root: Optional[str] = None  # override where its files are (else the dataset's default / env var)
+from tina.datasets import DatasetConfig  # noqa: F401 - the `dataset:` section, shared with training and evaluation
 
 
 @dataclass
@@ -65,7 +58,11 @@ class FinetuneConfig:
     """Personalized models: fine-tuned from classifier selection, many at once (zoo_builder/fit.py)."""
 
     steps: int = 100
-    batch_size: int = 32  # per model and step, class-balanced over the task's classes
+    batch_size: int = 32  # per model and step
+    # How a minibatch's classes are drawn (zoo_builder/fit.py sample_batch): "balanced" (uniform over the
+    # task's classes) or "proportional" (as often as the training set has them: keeps an imbalanced
+    # dataset's class priors, which the generic model learned and the test set shares).
+    sampling: str = "balanced"
     lr: float = 2e-3  # Adam peak learning rate (linear warmup, cosine decay to 0)
     warmup_steps: int = 10
     head_lr_mult: float = 1.0  # the head's learning rate relative to the body's
@@ -85,6 +82,8 @@ class FinetuneConfig:
         return {"fp32": torch.float32, "bf16": torch.bfloat16}[self.precision]
 
     def __post_init__(self):
+        if self.sampling not in ("balanced", "proportional"):
+            raise ValueError(f"finetune.sampling must be balanced or proportional, got {self.sampling!r}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"finetune.precision must be fp32 or bf16, got {self.precision!r}")
         if self.steps < 0 or self.batch_size < 1 or self.eval_per_class < 1:
@@ -163,6 +162,7 @@ def identity(cfg: ZooConfig) -> dict:
     d = to_dict(cfg)
     d.pop("runtime")
     d.pop("out")
+    d["dataset"] = cfg.dataset.identity()
     return d
 
 

@@ -479,21 +479,42 @@ def counter_uniform(keys: torch.Tensor, step: int | torch.Tensor, stream: int, n
 
 
 def sample_batch(data: FitData, ids: torch.Tensor, ks: torch.Tensor, batch: int, keys: torch.Tensor,
-                 step: int | torch.Tensor):
-    """Class-balanced minibatch per model: (G, B) training indices and labels (class positions 0..k-1),
-    or (S, G, B) for a tensor of steps (S,). Every tensor lives on the data's device; `keys` (G,) from model_keys."""
-    pos = (counter_uniform(keys, step, 0, batch) * ks[:, None]).long()  # (..., G, B)
-    cls = ids[torch.arange(len(ids), device=ids.device)[:, None], pos]
-    j = (counter_uniform(keys, step, 1, batch) * data.train_count[cls]).long()
+                 step: int | torch.Tensor, sampling: str = "balanced"):
+    """Minibatch per model: (G, B) training indices and labels (class positions 0..k-1), or (S, G, B)
+    for a tensor of steps (S,). Every tensor lives on the data's device; `keys` (G,) from model_keys.
+
+    sampling "balanced": each image's class is uniform over the task's k classes. "proportional":
+    uniform over the task's images, so classes come as often as the training set has them. On an
+    imbalanced dataset (clip art: 30 to 240 images a class) the generic model learns those class
+    priors; balanced fine-tuning replaces them with uniform ones and loses accuracy on a test set
+    drawn like the training set."""
+    u0, u1 = counter_uniform(keys, step, 0, batch), counter_uniform(keys, step, 1, batch)  # (..., G, B)
+    rows = torch.arange(len(ids), device=ids.device)[:, None]
+    if sampling == "balanced":
+        pos = (u0 * ks[:, None]).long()
+        cls = ids[rows, pos]
+        j = (u1 * data.train_count[cls]).long()
+        return data.train_order[data.train_start[cls] + j], pos
+    if sampling != "proportional":
+        raise ValueError(f"sampling must be balanced or proportional, got {sampling!r}")
+    kmask = torch.arange(ids.shape[1], device=ids.device)[None, :] < ks[:, None]
+    counts = data.train_count[ids] * kmask  # (G, k_max)
+    ends = torch.cumsum(counts, 1)  # (G, k_max) running totals over the task's classes
+    r = (u0 * ends[:, -1:]).long()  # (..., G, B) a slot among the task's images
+    lead = r.shape[:-2]
+    e = ends.expand(*lead, *ends.shape).contiguous()
+    pos = torch.searchsorted(e, r.contiguous(), right=True)  # (..., G, B) class position of each slot
+    cls = ids.expand(*lead, *ids.shape).gather(-1, pos)
+    j = r - (e.gather(-1, pos) - data.train_count[cls])
     return data.train_order[data.train_start[cls] + j], pos
 
 
 def minibatches(data: FitData, ids: torch.Tensor, ks: torch.Tensor, batch: int, keys: torch.Tensor, steps: int,
-                chunk: int = 50):
+                chunk: int = 50, sampling: str = "balanced"):
     """sample_batch for steps 0..steps-1, yielded one step at a time but computed `chunk` steps per
     call: the ~20 small integer ops of a draw cost as much for 50 steps as for one."""
     for lo in range(0, steps, chunk):
-        idx, y = sample_batch(data, ids, ks, batch, keys, torch.arange(lo, min(lo + chunk, steps)))
+        idx, y = sample_batch(data, ids, ks, batch, keys, torch.arange(lo, min(lo + chunk, steps)), sampling)
         yield from zip(idx, y)
 
 
@@ -547,25 +568,29 @@ class GroupResult:
     final_loss: list[float]
 
 
-def selection_state_dicts(generic: dict[str, torch.Tensor], tasks: list[list[int]]) -> list[dict[str, torch.Tensor]]:
+def selection_state_dicts(generic: dict[str, torch.Tensor], tasks: list[list[int]],
+                          proxy: dict[int, int] | None = None) -> list[dict[str, torch.Tensor]]:
     """Classifier selection, every task's starting point: the generic body and the generic head's
-    rows for the task's classes, in task order."""
+    rows for the task's classes, in task order. `proxy` maps a class the generic model never saw (a
+    strictly held-out class) to the known class whose row stands in for it ("nearest known class")."""
     body = {n: v for n, v in generic.items() if n.startswith("body.")}
-    return [dict(body, **{"head.weight": generic["head.weight"][t], "head.bias": generic["head.bias"][t]}) for t in tasks]
+    rows = [[(proxy or {}).get(c, c) for c in t] for t in tasks]
+    return [dict(body, **{"head.weight": generic["head.weight"][r], "head.bias": generic["head.bias"][r]}) for r in rows]
 
 
 def fit_group(net, generic: dict[str, torch.Tensor], tasks: list[list[int]], keys: torch.Tensor, data: FitData, cfg,
-              models_per_call: int = 0) -> GroupResult:
+              models_per_call: int = 0, proxy: dict[int, int] | None = None) -> GroupResult:
     """Initialise each task's model from the generic one (classifier selection), fine-tune all of
     them together for cfg.steps steps, and evaluate before and after.
 
     `keys` (G,): each model's random stream (model_keys); `cfg`: FinetuneConfig. Runs on the device
-    of `data` (FitData.to); `models_per_call` models per forward/backward (0 = the whole group)."""
+    of `data` (FitData.to); `models_per_call` models per forward/backward (0 = the whole group);
+    `proxy`: held-out class -> the known class whose generic row initialises it (selection_state_dicts)."""
     dev = data.train.device
     k_max = max(len(t) for t in tasks)
     ids, ks, kmask = (t.to(dev) for t in class_tables(tasks, k_max))
     keys = keys.to(dev)
-    init = selection_state_dicts(generic, tasks)
+    init = selection_state_dicts(generic, tasks, proxy)
     params = {n: t.to(dev) for n, t in net.pack(init, k_max).items()}
     # Selection accuracy = the generic model restricted to the task's classes: generic features
     # (computed once for the whole evaluation set) through the selected head rows.
@@ -574,7 +599,7 @@ def fit_group(net, generic: dict[str, torch.Tensor], tasks: list[list[int]], key
     selection = evaluate(head, head_params, data.eval_features, data, ids, ks, cfg.eval_chunk)
     trainer = StackedTrainer(net, params, kmask, cfg.lr, models_per_call, cfg.head_lr_mult)
     loss = torch.zeros(len(tasks))
-    for step, (idx, y) in enumerate(minibatches(data, ids, ks, cfg.batch_size, keys, cfg.steps)):
+    for step, (idx, y) in enumerate(minibatches(data, ids, ks, cfg.batch_size, keys, cfg.steps, sampling=cfg.sampling)):
         trainer.set_lr(lr_at(step, cfg.steps, cfg.lr, cfg.warmup_steps))
         loss = trainer.step(net.train_inputs(data, idx), y)
     eval_per_call = max(1, models_per_call * cfg.batch_size // cfg.eval_chunk) if models_per_call else 0

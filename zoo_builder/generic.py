@@ -14,8 +14,10 @@ import json
 import logging
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -29,11 +31,24 @@ log = logging.getLogger(__name__)
 GENERIC_WEIGHTS, GENERIC_METRICS = "generic.safetensors", "generic.json"
 
 
-def generic_identity(cfg, layout_fingerprint: str) -> str:
+def generic_identity(cfg, layout_fingerprint: str, held_out: list[int] = ()) -> str:
     """Hash of what the generic model depends on (`cfg`: ZooConfig); the layout fingerprint changes
     with the target's architecture, so weights of an older architecture are never reused."""
-    return config_hash({"dataset": vars(cfg.dataset), "target": cfg.target, "generic": vars(cfg.generic),
-                        "layout": layout_fingerprint})  # fmt: skip
+    d = {"dataset": cfg.dataset.identity(), "target": cfg.target, "generic": vars(cfg.generic), "layout": layout_fingerprint}
+    if held_out:  # only when present, so zoos without held-out classes keep their hashes
+        d["held_out_classes"] = sorted(int(c) for c in held_out)
+    return config_hash(d)
+
+
+def known_only(dataset, held_out: list[int]):
+    """The dataset without the images of strictly held-out classes (labels unchanged): the generic
+    model must never see them, or selection for them would not be zero-shot."""
+    if not held_out:
+        return dataset
+    held = np.asarray(sorted(held_out))
+    keep_tr, keep_te = ~np.isin(dataset.train_y, held), ~np.isin(dataset.test_y, held)
+    return replace(dataset, train_x=dataset.train_x[keep_tr], train_y=dataset.train_y[keep_tr],
+                   test_x=dataset.test_x[keep_te], test_y=dataset.test_y[keep_te])  # fmt: skip
 
 
 def build_net(cfg, image, num_classes: int) -> TargetNet:
@@ -110,8 +125,11 @@ def accuracy(net: TargetNet, dataset, batch_size: int = 512) -> float:
     return correct / max(1, len(dataset.test_y))
 
 
-def train_generic(cfg, dataset, layout_fingerprint: str, features: dict[str, torch.Tensor] | None = None) -> tuple[TargetNet, dict]:
-    """Train the generic model of `cfg` (ZooConfig) on `dataset`; returns the net and its metrics.
+def train_generic(cfg, dataset, layout_fingerprint: str, features: dict[str, torch.Tensor] | None = None,
+                  held_out: list[int] = ()) -> tuple[TargetNet, dict]:
+    """Train the generic model of `cfg` (ZooConfig) on `dataset` minus the `held_out` classes (their
+    head rows stay at their random init and are never used); returns the net and its metrics
+    (test accuracy over the known classes' test images).
 
     For +linear targets `features` must hold the frozen backbone's "train"/"test" features.
     """
@@ -120,15 +138,19 @@ def train_generic(cfg, dataset, layout_fingerprint: str, features: dict[str, tor
     net = build_net(cfg, dataset.image, len(dataset.classes))
     t0 = time.perf_counter()
     if features is None:
-        _train_cnn(net, dataset, cfg.generic, gen)
-        test_acc = accuracy(net, dataset)
+        known = known_only(dataset, held_out)
+        _train_cnn(net, known, cfg.generic, gen)
+        test_acc = accuracy(net, known)
     else:
+        held = torch.as_tensor(sorted(held_out), dtype=torch.long)
         train_y, test_y = torch.from_numpy(dataset.train_y), torch.from_numpy(dataset.test_y)
-        _train_head(net, features["train"], train_y, cfg.generic, gen)
+        tr, te = ~torch.isin(train_y, held), ~torch.isin(test_y, held)
+        _train_head(net, features["train"][tr], train_y[tr], cfg.generic, gen)
         with torch.no_grad():
-            test_acc = (net.head(features["test"]).argmax(1) == test_y).float().mean().item()
+            test_acc = (net.head(features["test"][te]).argmax(1) == test_y[te]).float().mean().item()
     metrics = {"test_acc": round(test_acc, 5), "seconds": round(time.perf_counter() - t0, 1),
-               "num_classes": len(dataset.classes), "identity": generic_identity(cfg, layout_fingerprint)}  # fmt: skip
+               "num_classes": len(dataset.classes), "held_out_classes": sorted(int(c) for c in held_out),
+               "identity": generic_identity(cfg, layout_fingerprint, held_out)}  # fmt: skip
     net.to(memory_format=torch.contiguous_format)
     log.info("generic model: test accuracy %.4f in %.0f s", test_acc, metrics["seconds"])
     return net, metrics
@@ -145,13 +167,13 @@ def save_generic(zoo: Path, net: TargetNet, metrics: dict) -> None:
     os.replace(tmp, zoo / GENERIC_METRICS)
 
 
-def load_generic(zoo: Path, cfg, layout_fingerprint: str) -> tuple[dict[str, torch.Tensor], dict] | None:
-    """The saved generic model if it was trained with the same settings and architecture, else None."""
+def load_generic(zoo: Path, cfg, layout_fingerprint: str, held_out: list[int] = ()) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """The saved generic model if it was trained with the same settings, architecture and held-out classes, else None."""
     mpath, wpath = zoo / GENERIC_METRICS, zoo / GENERIC_WEIGHTS
     if not (mpath.is_file() and wpath.is_file()):
         return None
     metrics = json.loads(mpath.read_text())
-    if metrics.get("identity") != generic_identity(cfg, layout_fingerprint):
+    if metrics.get("identity") != generic_identity(cfg, layout_fingerprint, held_out):
         log.warning("ignoring %s: trained with other settings", wpath)
         return None
     return load_file(str(wpath)), metrics

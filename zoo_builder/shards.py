@@ -4,7 +4,7 @@
                            written first, checked when a killed build resumes
   ZOO/vocab.safetensors    text embeddings of every class variant, encoded once
   ZOO/<split>-NNNNNN.tar   webdataset shards, one sample per model, written as NAME.tmp then renamed
-  ZOO/manifest.json        written last (atomically), once every shard exists
+  ZOO/manifest.json        written last (atomically), once every shard exists; holds each shard's sha256
 
 Shard members have fixed metadata (mtime 0, uid 0), so a shard rebuilt from the same seed is
 byte-identical to the one a killed build would have written.
@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from tina.shardio import check_params, file_sha256
 from zoo_builder.tasks import SPLITS, Task, TaskPlan
 
 ZOO_FORMAT = "tina-zoo/1"
@@ -96,7 +97,8 @@ def _npy(a: np.ndarray) -> bytes:
 
 
 def encode_sample(task: Task, flat: torch.Tensor, class_names: list[str], emb: torch.Tensor, prompts: list[list[str]], metrics: dict) -> dict[str, bytes]:
-    """One model as webdataset members (extension -> bytes)."""
+    """One model as webdataset members (extension -> bytes); TinaError for non-finite or absurd weights."""
+    check_params(flat.detach().float().numpy(), f"task {task.task_id}")
     return {
         "params.npy": _npy(flat.detach().float().numpy()),
         "classes.json": json.dumps({"names": class_names, "ids": list(task.classes)}).encode(),
@@ -161,6 +163,7 @@ def build_manifest(zoo: Path, plan_json: dict, shards: list[Shard], generic_metr
     man["tasks"] = plan_json["tasks"]
     man["shards"] = {s: [sh.name for sh in shards if sh.split == s] for s in SPLITS}
     man["counts"] = {s: len(per_split[s]) for s in SPLITS} | {"models": sum(len(v) for v in per_split.values())}
+    man["shard_sha256"] = {sh.name: file_sha256(zoo / sh.name) for sh in shards}  # checked by every reader
     man["metrics"] = summary
     man["generic"] = {"test_acc": generic_metrics["test_acc"]}
     return man

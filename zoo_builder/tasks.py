@@ -16,6 +16,8 @@ import math
 import random
 from dataclasses import dataclass
 
+import torch
+
 from tina.errors import TinaError
 
 SPLITS = ("train", "val", "unseen_combo", "unseen_class")
@@ -136,3 +138,15 @@ def sample_tasks(num_classes: int, cfg) -> TaskPlan:
             tasks.append(Task(task_id(i), split, order))
             i += 1
     return TaskPlan(tasks, held)
+
+
+def nearest_known(names: torch.Tensor, held_out: list[int]) -> dict[int, int]:
+    """Each held-out class -> the known class whose plain-name embedding is closest (cosine): the
+    "nearest known class" selection every held-out class starts from, and the baseline it is measured
+    against. names: (num_classes, E) unit embeddings."""
+    if not held_out:
+        return {}
+    held = set(int(c) for c in held_out)
+    known = torch.tensor([c for c in range(names.shape[0]) if c not in held])
+    sims = names.float()[sorted(held)] @ names.float()[known].T  # (H, n_known)
+    return {h: int(known[j]) for h, j in zip(sorted(held), sims.argmax(1).tolist())}

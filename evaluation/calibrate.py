@@ -1,6 +1,6 @@
 """Calibrate a generator's expected accuracy on real test images; write CHECKPOINT/quality.json.
 
-    python -m tina.calibrate CHECKPOINT --zoo-config configs/zoo/fashion_mnist.yaml [key options]
+    python -m evaluation.calibrate CHECKPOINT --zoo-config configs/zoo/fashion_mnist.yaml [key options]
 
 What it measures (no zoo needed: the task plan is a pure function of the zoo config):
   1. pair_recall: every pair of vocabulary classes as a 2-class model with exact names, the recall of
@@ -9,7 +9,7 @@ What it measures (no zoo needed: the task plan is a pure function of the zoo con
      lacks), each under several prompt forms whose true classes are known:
        names          the exact class names
        related        each class as a WordNet synonym, broader or narrower term (or its head noun)
-       paraphrase     hand-written paraphrases (tina/evaluate.py HAND_PARAPHRASES)
+       paraphrase     hand-written paraphrases (evaluation/prompts.py HAND_PARAPHRASES)
        one_unrelated  one class replaced by an unrelated word
        unrelated      every class an unrelated word
      Each row keeps the matches `tina generate` computes (tina/expected.py) and the generated model's
@@ -80,7 +80,7 @@ def related_term(name: str, rng: random.Random) -> str | None:
 
 def form_texts(form: str, classes: list[str], rng: random.Random) -> list[str] | None:
     """The class texts of a prompt form for a task (None: the form does not apply)."""
-    from tina.evaluate import HAND_PARAPHRASES, UNRELATED_WORDS
+    from evaluation.prompts import HAND_PARAPHRASES, UNRELATED_WORDS, unrelated_words
 
     if form == "names":
         return list(classes)
@@ -95,7 +95,7 @@ def form_texts(form: str, classes: list[str], rng: random.Random) -> list[str] |
         texts[rng.randrange(len(texts))] = rng.choice(UNRELATED_WORDS)
         return texts
     if form == "unrelated":
-        return rng.sample(UNRELATED_WORDS, len(classes))
+        return unrelated_words(rng, len(classes))
     raise TinaError(f"unknown calibration form {form!r}; choose from {FORMS}")
 
 
@@ -125,7 +125,7 @@ def _flats(tina, tasks: list, seed: int, batch_size: int) -> list[torch.Tensor]:
 
 def pair_recall(tina, ds, vocab_ids: dict[int, int], cfg: CalibrationConfig) -> list[list[float | None]]:
     """(V, V) recall of class c in the exact-name 2-class model [c, d] on fit-half images; None unmeasured."""
-    from tina.evaluate import flat_accuracies
+    from evaluation.scoring import flat_accuracies
 
     V = len(tina.bundle.vocab)
     pairs = [(a, b) for a in vocab_ids for b in vocab_ids if a < b]  # dataset ids
@@ -144,7 +144,7 @@ def pair_recall(tina, ds, vocab_ids: dict[int, int], cfg: CalibrationConfig) -> 
 
 def measure(tina, ds, plan_tasks: list, split: str, half: int, cfg: CalibrationConfig) -> list[dict]:
     """One row per (task, form): features, the true-class resolution of each class, and the accuracy."""
-    from tina.evaluate import flat_accuracies
+    from evaluation.scoring import flat_accuracies
 
     vocab_index = {n: i for i, n in enumerate(tina.bundle.vocab)}
     items = []  # (task, form, true ids, Task)
@@ -338,7 +338,7 @@ def fit_all(m: dict, cfg: CalibrationConfig, dataset: str, name: str) -> dict:
         "check": {"split": "unseen_combo", "images": "odd test positions", **check_stats},
         "config": {"zoo_config": cfg.zoo_config, "images_per_class": cfg.images_per_class, "max_tasks": cfg.max_tasks,
                    "forms": list(cfg.forms), "seed": cfg.seed},
-        "command": f"python -m tina.calibrate {name} --zoo-config {cfg.zoo_config} --images-per-class {cfg.images_per_class}"
+        "command": f"python -m evaluation.calibrate {name} --zoo-config {cfg.zoo_config} --images-per-class {cfg.images_per_class}"
                    + (f" --max-tasks {cfg.max_tasks}" if cfg.max_tasks else ""),
         "measure_seconds": m["measure_seconds"],
     }
@@ -372,7 +372,7 @@ def calibrate(cfg: CalibrationConfig, refit: bool = False) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tina.calibrate", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m evaluation.calibrate", description=__doc__.split("\n")[0])
     ap.add_argument("checkpoint", help="a generator folder or a shipped name")
     ap.add_argument("--zoo-config", required=True, help="the zoo YAML the generator was trained on (its task plan)")
     ap.add_argument("--images-per-class", type=int, default=200)

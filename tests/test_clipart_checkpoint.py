@@ -1,0 +1,44 @@
+"""The shipped clip-art generator: what it knows, what it must not know, and that the demo's examples fit it."""
+
+import pytest
+
+HELD_OUT = {"bird", "insect", "person", "playing card", "sports equipment", "stationery"}
+
+
+@pytest.fixture(scope="module")
+def clipart():
+    from tina.sample import Tina
+
+    return Tina.from_pretrained("clipart")
+
+
+def test_clipart_checkpoint_knows_32_rgb_classes_and_none_of_the_held_out_ones(clipart):
+    from pathlib import Path
+
+    b = clipart.bundle
+    assert b.dataset == "clipart" and (b.image.channels, b.image.size) == (3, 32)
+    assert len(b.vocab) == 32 and b.k_max == 32
+    assert not HELD_OUT & set(b.vocab)
+    assert b.anchor is not None and b.anchor.num_classes == 32
+    size = sum(f.stat().st_size for f in Path(b.path).iterdir())
+    assert size <= 25 * 1024 * 1024
+
+
+def test_clipart_generates_a_32_class_model_in_prompt_order(clipart):
+    import torch
+
+    classes = list(clipart.bundle.vocab)[::-1]
+    net = clipart.generate(classes=classes)
+    assert net.classes == classes
+    assert net(torch.rand(4, 3, 32, 32)).shape == (4, 32)
+
+
+def test_demo_examples_for_clipart_name_only_known_classes(clipart):
+    from serve.app import examples_for
+    from tina.prompts import normalize_class, parse_prompt
+
+    vocab = {normalize_class(v) for v in clipart.bundle.vocab}
+    examples = examples_for("clipart", clipart.bundle.vocab)
+    assert len(examples) >= 3
+    for prompt in examples:
+        assert {normalize_class(c) for c in parse_prompt(prompt)} <= vocab, prompt
