@@ -10,7 +10,6 @@ similarity. `Tina.from_pretrained("auto", prompt=...)` and `tina generate` witho
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
