@@ -69,6 +69,31 @@ def test_checkpoint_holds_everything_for_exact_resume(tiny_run, tiny_zoo):
     assert after["lr_schedulers"][0]["last_epoch"] == 8
 
 
+def test_init_from_starts_at_the_bundles_weights_and_statistics(tiny_run, tiny_zoo, tmp_path):
+    """init_from=BUNDLE: a fresh run whose first weights are the bundle's (lr 0 keeps them) and whose
+    normalisation statistics are the bundle's, not refitted; a mismatched layout is one clear error."""
+    from tina.bundle import load_bundle
+    from tina.config import load_config
+    from tina.train import TrainConfig, train
+
+    from conftest import TINY_TRAIN
+
+    cfg = ROOT / "configs" / "train" / "fashion_mnist.yaml"
+    src = load_bundle(tiny_run / "bundle")
+    out = tmp_path / "warm"
+    train(load_config(TrainConfig, cfg, [f"zoo={tiny_zoo}", f"out={out}", "trainer.max_steps=2", *TINY_TRAIN,
+                                         f"init_from={tiny_run / 'bundle'}", "optim.lr=1e-12", "optim.ema_decay=0"]))
+    warm = load_bundle(out / "bundle")
+    for k, v in src.dit.state_dict().items():
+        torch.testing.assert_close(warm.dit.state_dict()[k], v, atol=1e-5, rtol=0)
+    for k, v in src.layout.stats().items():
+        torch.testing.assert_close(warm.layout.stats()[k], v)
+    assert warm.meta["training"]["init_from"] == str(tiny_run / "bundle") and warm.meta["training"]["steps_before"] == 6
+    with pytest.raises(TinaError, match="init_from"):
+        train(load_config(TrainConfig, cfg, [f"zoo={tiny_zoo}", f"out={tmp_path / 'bad'}", "trainer.max_steps=1", *TINY_TRAIN,
+                                             f"init_from={tiny_run / 'bundle'}", "token_size=64"]))
+
+
 def test_unknown_config_key_is_a_clear_error(tiny_zoo):
     from tina.config import load_config
     from tina.train import TrainConfig

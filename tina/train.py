@@ -70,6 +70,10 @@ class TrainConfig:
     out: str = "runs/fashion_mnist"
     data_root: str | None = None  # dataset location for validation (default: the dataset's own default)
     resume: bool = True  # continue from out/checkpoints/last.ckpt when present
+    # Warm start: a generator folder (a shipped name or a path) trained on a zoo of the same layout and
+    # text encoder; its weights start both the DiT and its EMA, and its normalisation statistics are
+    # kept (so its residual scale is the one the weights learned). Fresh optimiser and schedule.
+    init_from: str | None = None
     token_size: int = 0  # numbers per parameter token; 0 = the zoo's (flat vectors do not depend on it)
     # Generate residuals from classifier selection (the zoo's generic model travels in the bundle;
     # tina/anchor.py) instead of whole weight vectors.
@@ -114,6 +118,20 @@ def _rank() -> tuple[int, int]:
     return int(getattr(rank_zero_only, "rank", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def _warm_start(spec: str, layout: ParamLayout, man: dict):
+    """The generator folder `spec`, checked to fit this zoo: same target, layout structure and text encoder."""
+    from tina.bundle import load_bundle
+    from tina.registry import resolve_checkpoint
+
+    bundle = load_bundle(resolve_checkpoint(spec))
+    if bundle.layout.fingerprint != layout.fingerprint or bundle.target != man["target"]:
+        raise TinaError(f"init_from={spec}: its layout ({bundle.target}, {bundle.layout.fingerprint}) differs from the "
+                        f"zoo's ({man['target']}, {layout.fingerprint}); set token_size to match or drop init_from")
+    if bundle.text_encoder != man["text_encoder"]:
+        raise TinaError(f"init_from={spec}: text encoder {bundle.text_encoder!r} differs from the zoo's {man['text_encoder']!r}")
+    return bundle
+
+
 def train(cfg: TrainConfig) -> Path | None:
     """Fit, then export the EMA generator to OUT/bundle; returns the bundle path on rank zero, None on
     the other ranks. Only rank zero validates and writes (config, checkpoints, logs, bundle)."""
@@ -137,7 +155,11 @@ def train(cfg: TrainConfig) -> Path | None:
     if cfg.token_size and cfg.token_size != layout.token_size:
         layout = ParamLayout.from_dict({**layout.to_dict(), "token_size": cfg.token_size})
     anchor = load_anchor(zoo, layout) if cfg.residual else None
-    fit_layout_stats(zoo, layout, anchor=anchor)
+    warm = _warm_start(cfg.init_from, layout, man) if cfg.init_from else None
+    if warm is not None:
+        layout = warm.layout
+    else:
+        fit_layout_stats(zoo, layout, anchor=anchor)
     vocab_t = load_file(zoo / "vocab.safetensors")
     # Strictly held-out classes stay out of the generator's vocabulary (and its anchor): it never hears their names.
     held = set(man.get("held_out_classes", []))
@@ -145,6 +167,13 @@ def train(cfg: TrainConfig) -> Path | None:
     cond_dim = vocab_t["names"].shape[-1]
     dit = build_dit(cfg.generator.size, token_size=layout.token_size, n_body_tokens=layout.n_body_tokens,
                     tokens_per_class=layout.tokens_per_class, cond_dim=cond_dim)
+    if warm is not None:
+        try:
+            dit.load_state_dict({k: v.float() for k, v in warm.dit.state_dict().items()}, strict=True)
+        except RuntimeError as e:
+            raise TinaError(f"init_from={cfg.init_from}: its generator is not a {cfg.generator.size} for this layout "
+                            f"({str(e).splitlines()[0]})") from None
+        log.info("warm start from %s (%s steps before)", cfg.init_from, warm.meta.get("training", {}).get("steps", "?"))
     log.info("generator %s: %.2fM parameters; %r", cfg.generator.size, sum(p.numel() for p in dit.parameters()) / 1e6, layout)
 
     dataset = load_dataset(man["dataset"], cfg.data_root)
@@ -209,7 +238,8 @@ def train(cfg: TrainConfig) -> Path | None:
             "metrics": {"split": cfg.val.split, "tasks": len(final_models), **metrics},
             "training": {"steps": int(trainer.global_step), "seconds": round(seconds, 1), "device": str(precision) + " " + (
                 torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"), "generator_size": cfg.generator.size,
-                "zoo": str(zoo), "zoo_models": data.num_models, "zoo_config_hash": man.get("config_hash")},
+                "zoo": str(zoo), "zoo_models": data.num_models, "zoo_config_hash": man.get("config_hash"),
+                "init_from": cfg.init_from, "steps_before": int(warm.meta.get("training", {}).get("steps", 0)) if warm else 0},
         },
     )
     path = save_bundle(bundle, out / "bundle", config_yaml=(out / "config.yaml").read_text())
