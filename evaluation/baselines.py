@@ -45,7 +45,7 @@ class TextRetrieval:
         self.models = 0
 
     def add(self, models: list[dict]) -> None:
-        """One chunk of zoo models (dicts of tina.data.iter_split)."""
+        """One chunk of zoo models (dicts of tina.training.data.iter_split)."""
         if not models or not self.queries:
             return
         for m in models:

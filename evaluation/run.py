@@ -32,9 +32,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     from safetensors.torch import load_file
     from tqdm.auto import tqdm
 
-    from tina.accuracy import task_test_set
+    from tina.training.accuracy import task_test_set
     from tina.config import save_config, to_dict
-    from tina.data import load_split, read_manifest
+    from tina.training.data import load_split, read_manifest
     from tina.sample import Task
 
     t_start = time.perf_counter()

@@ -2,7 +2,7 @@
 
 A zoo built with `tasks.held_out_classes=N` keeps N classes away from the generic model, from every
 train/val/unseen_combo task, from the generator's vocabulary and anchor, and from its image projector
-(zoo_builder/tasks.py, generic.py; tina/data.py load_anchor; tina/projector.py). Its `unseen_class`
+(zoo_builder/tasks.py, generic.py; tina/training/data.py load_anchor; tina/projector.py). Its `unseen_class`
 split holds tasks with at least one such class; each was fine-tuned with the held-out class's real
 images (the oracle) starting from "nearest known class" selection (the held-out class borrows the
 generic row of the known class whose name embedding is closest: the baseline).
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tina.accuracy import task_test_set
+from tina.training.accuracy import task_test_set
 from tina.errors import TinaError
 from tina.validate import ArgumentParser
 
@@ -50,10 +50,11 @@ def evaluate_unseen(zoo: str | Path, checkpoint: str, tasks: int = 0, shots: tup
     """Per-task and mean accuracies of every method on the zoo's unseen_class split (see module doc)."""
     from safetensors.torch import load_file
 
-    from tina.data import load_split, read_manifest
-    from tina.datasets import load_dataset
+    from tina.training.data import load_split, read_manifest
+    from tina.training.datasets import load_dataset
     from tina.layout import ParamLayout
-    from tina.sample import Tina, assemble
+    from tina.sample import Tina
+    from tina.weights import assemble
     from zoo_builder.tasks import nearest_known
     from evaluation.baselines import selection_flat
 

@@ -20,7 +20,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def random_generator(tmp_path_factory):
     """An untrained generator folder over the Fashion-MNIST vocabulary (no training needed)."""
-    from tina.testing import random_bundle
+    from tina.training.testing import random_bundle
 
     return random_bundle(tmp_path_factory.mktemp("gen") / "random")
 
@@ -50,7 +50,7 @@ def tiny_run(tiny_zoo, tmp_path_factory):
     from pathlib import Path
 
     from tina.config import load_config
-    from tina.train import TrainConfig, train
+    from tina.training.train import TrainConfig, train
 
     out = tmp_path_factory.mktemp("run") / "run"
     cfg = Path(__file__).parent.parent / "configs" / "train" / "fashion_mnist.yaml"

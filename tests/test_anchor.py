@@ -10,10 +10,10 @@ from safetensors.torch import load_file, save_file
 from tina import Tina
 from tina.anchor import SelectionAnchor
 from tina.bundle import load_bundle, save_bundle
-from tina.data import AugmentConfig, fit_layout_stats, layout_from_manifest, load_anchor, load_split, make_example, read_manifest
+from tina.training.data import AugmentConfig, fit_layout_stats, layout_from_manifest, load_anchor, load_split, make_example, read_manifest
 from tina.errors import TinaError
 from tina.layout import layout_for
-from tina.testing import FASHION_IMAGE
+from tina.training.testing import FASHION_IMAGE
 
 
 def _anchor(V=10, seed=0):

@@ -43,7 +43,7 @@ def test_prompt_forms_keep_the_true_classes_known():
 
 def test_calibrate_writes_a_quality_file_the_generator_uses(random_generator, tmp_path):
     try:
-        from tina.datasets import load_dataset
+        from tina.training.datasets import load_dataset
 
         load_dataset("fashion-mnist")
     except TinaError as e:

@@ -96,10 +96,10 @@ def test_bundle_checks(random_generator, tmp_path):
 
 def test_shipped_default_generates_accurate_models(tmp_path):
     """The checkpoint in the repository: a real prompt gives a model that works on real images."""
-    from tina.accuracy import accuracy, task_test_set
+    from tina.training.accuracy import accuracy, task_test_set
 
     try:
-        from tina.datasets import load_dataset
+        from tina.training.datasets import load_dataset
 
         ds = load_dataset("fashion-mnist")
     except TinaError as e:

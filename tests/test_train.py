@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tina.data import AugmentConfig, ZooStream, collate, layout_from_manifest, load_split, read_manifest, shard_urls
+from tina.training.data import AugmentConfig, ZooStream, collate, layout_from_manifest, load_split, read_manifest, shard_urls
 from tina.errors import TinaError
 
 ROOT = Path(__file__).parent.parent
@@ -52,7 +52,7 @@ def test_training_writes_a_loadable_bundle_with_metrics(tiny_run):
 
 def test_checkpoint_holds_everything_for_exact_resume(tiny_run, tiny_zoo):
     from tina.config import load_config
-    from tina.train import TrainConfig, train
+    from tina.training.train import TrainConfig, train
 
     from conftest import TINY_TRAIN
 
@@ -74,7 +74,7 @@ def test_init_from_starts_at_the_bundles_weights_and_statistics(tiny_run, tiny_z
     normalisation statistics are the bundle's, not refitted; a mismatched layout is one clear error."""
     from tina.bundle import load_bundle
     from tina.config import load_config
-    from tina.train import TrainConfig, train
+    from tina.training.train import TrainConfig, train
 
     from conftest import TINY_TRAIN
 
@@ -96,7 +96,7 @@ def test_init_from_starts_at_the_bundles_weights_and_statistics(tiny_run, tiny_z
 
 def test_unknown_config_key_is_a_clear_error(tiny_zoo):
     from tina.config import load_config
-    from tina.train import TrainConfig
+    from tina.training.train import TrainConfig
 
     with pytest.raises(TinaError, match="max_stepz"):
         load_config(TrainConfig, None, ["trainer.max_stepz=3"])
@@ -128,12 +128,12 @@ def test_two_process_ddp_on_cpu(tiny_zoo, tmp_path):
 def test_validation_measures_generated_oracle_and_selection_on_the_same_images(tiny_run, tiny_zoo):
     """Gain captured is paired: the zoo model and classifier selection are re-measured on the images
     the generated model is measured on (not taken from the zoo's own evaluation)."""
-    from tina.accuracy import accuracy, task_test_set
+    from tina.training.accuracy import accuracy, task_test_set
     from tina.bundle import load_bundle
-    from tina.datasets import load_dataset
+    from tina.training.datasets import load_dataset
     from tina.diffusion import DiffusionConfig
-    from tina.lit_module import ValConfig, validate_generated
-    from tina.sample import assemble
+    from tina.training.lit_module import ValConfig, validate_generated
+    from tina.weights import assemble
 
     b = load_bundle(tiny_run / "bundle")
     ds = load_dataset("fashion-mnist")
@@ -149,11 +149,37 @@ def test_validation_measures_generated_oracle_and_selection_on_the_same_images(t
     assert m["selection_acc"] == pytest.approx(sum(select) / 3)
 
 
+def test_validation_scores_the_models_generate_returns(tiny_run, tiny_zoo):
+    """Validation and `Tina.generate_tasks` share conditions, noise and the tokens -> weights function
+    (tina/weights.py): for the same class names the generated accuracy is the same number."""
+    from safetensors.torch import load_file
+
+    from tina.bundle import load_bundle
+    from tina.diffusion import DiffusionConfig
+    from tina.sample import Tina
+    from tina.training.accuracy import accuracy, task_test_set
+    from tina.training.datasets import load_dataset
+    from tina.training.lit_module import ValConfig, validate_generated
+
+    b = load_bundle(tiny_run / "bundle")
+    ds = load_dataset("fashion-mnist")
+    models = [m for m in load_split(tiny_zoo, "unseen_combo", limit=6) if len(m["classes"]) == 2][:2]
+    assert len(models) == 2, "the tiny zoo should hold 2-class unseen combinations"
+    names = load_file(tiny_zoo / "vocab.safetensors")["names"].float()  # (V, E), what the bundle's vocab_emb holds
+    cfg = ValConfig(tasks=2, images_per_class=30)
+    m = validate_generated(b.dit, b.layout, b.scheduler_config, models, ds, b.target, cfg, DiffusionConfig(steps=2, sampler="ddim"),
+                           b.base, b.anchor, class_emb=names)
+    tina = Tina(b)
+    nets = tina.generate_tasks([tina.make_task(classes=mm["classes"]) for mm in models], seed=0, steps=2, sampler="ddim", guidance=1.0)
+    got = [accuracy(net, *task_test_set(ds, mm["class_ids"], 30)) for net, mm in zip(nets, models)]
+    assert m["gen_acc"] == pytest.approx(sum(got) / 2, abs=1e-9)
+
+
 # ---- distributed runs: only rank zero validates and writes ---------------------------------------
 
 
 def test_only_rank_zero_writes_the_run_config(tmp_path, monkeypatch):
-    import tina.train as T
+    import tina.training.train as T
     from tina.config import load_config
     from tina.errors import TinaError
 
@@ -173,20 +199,20 @@ def test_only_rank_zero_writes_the_run_config(tmp_path, monkeypatch):
 def test_only_rank_zero_validates(monkeypatch):
     from types import SimpleNamespace
 
-    import tina.lit_module as M
+    import tina.training.lit_module as M
 
     calls = []
     monkeypatch.setattr(M, "validate_generated", lambda *a, **k: calls.append(1) or {})
     for zero in (False, True):
         fake = SimpleNamespace(val_models=[{}], dataset=object(), trainer=SimpleNamespace(sanity_checking=False, is_global_zero=zero),
                                ema=None, layout=None, sched_config=None, target=None, val_cfg=None, diffusion=None,
-                               anchor=None, global_step=0, log=lambda *a, **k: None)
+                               anchor=None, class_emb=None, global_step=0, log=lambda *a, **k: None)
         M.TinaLitModule.on_validation_epoch_end(fake)
     assert calls == [1]
 
 
 def test_bundle_line_printed_once_by_rank_zero(tmp_path, monkeypatch, capsys):
-    import tina.train as T
+    import tina.training.train as T
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text("out: x\n")

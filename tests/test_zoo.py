@@ -278,8 +278,8 @@ def _tiny_cfg(out: Path, *extra: str) -> ZooConfig:
 
 @pytest.fixture(scope="module")
 def tiny_zoo(tmp_path_factory):
-    pytest.importorskip("tina.datasets")
-    from tina.datasets import load_dataset
+    pytest.importorskip("tina.training.datasets")
+    from tina.training.datasets import load_dataset
     from tina.errors import TinaError
     from zoo_builder.build import build
 

@@ -108,7 +108,7 @@ def cmd_predict(args) -> int:
 def cmd_info(args) -> int:
     from tina.bundle import load_bundle
     from tina.routing import read_card, shipped_cards
-    from tina.sample import resolve_checkpoint
+    from tina.registry import resolve_checkpoint
 
     if args.checkpoint is None:  # every shipped checkpoint: what it knows and how well
         from tina.registry import ALIASES
@@ -142,7 +142,7 @@ def cmd_zoo(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from tina.train import main as train_main
+    from tina.training.train import main as train_main
 
     return train_main(args.rest)
 

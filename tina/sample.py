@@ -26,11 +26,15 @@ from tina.diffusion import make_scheduler, sample_tokens
 from tina.errors import TinaError
 from tina.expected import Assessment, assess
 from tina.prompts import parse_prompt
+from tina.projector import embed_class_images
 from tina.registry import AUTO, resolve_checkpoint  # noqa: F401 - resolve_checkpoint is part of this module's API
-from tina.targets import TargetNet, get_target
+from tina.targets import TargetNet
 from tina.validate import check_sampling
+from tina.weights import build_model, tokens_to_flat
 
 log = logging.getLogger(__name__)
+
+
 @dataclass
 class Task:
     """One generation request after parsing."""
@@ -40,35 +44,6 @@ class Task:
     cond: torch.Tensor  # (k, E)
     warnings: list[str] = field(default_factory=list)
     assessment: Assessment | None = None  # matches, expected accuracy (tina/expected.py)
-
-
-def tokens_to_flat(bundle: Bundle, tokens: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-    """Normalised tokens (>= T(k), C) of one k-class task with conditions cond (k, E) -> flat weights (P,).
-
-    With an anchor the tokens hold the residual from (soft) classifier selection of each class."""
-    layout, k = bundle.layout, cond.shape[0]
-    flat = layout.denormalize(layout.detokenize(tokens[: layout.num_tokens(k)].float().cpu(), k), k)
-    if bundle.anchor is not None:
-        flat = flat + bundle.anchor.soft_origin(bundle.anchor.weights(cond.float().cpu()))
-    return flat
-
-
-def build_model(bundle: Bundle, flat: torch.Tensor, classes: list[str]) -> TargetNet:
-    """A TargetNet carrying generated weights (+ the bundle's frozen base weights), loaded strictly."""
-    return assemble(bundle.target, bundle.image, bundle.layout, flat, classes, bundle.base)
-
-
-def assemble(target: str, image, layout, flat: torch.Tensor, classes: list[str], base: dict | None = None) -> TargetNet:
-    """Generated flat vector (+ frozen base weights) → a strictly loaded TargetNet with `.classes`."""
-    if not torch.isfinite(flat).all():
-        bad = (~torch.isfinite(flat)).sum().item()
-        raise TinaError(f"the generated weights contain {bad} NaN/Inf values; try another --seed or fewer --guidance")
-    k = len(classes)
-    net = get_target(target).build(k, image)
-    state = layout.unflatten(flat.float().cpu(), k) | (base or {})
-    net.load_state_dict(state, strict=True)
-    net.classes = list(classes)
-    return net.eval()
 
 
 class Tina:
@@ -129,8 +104,6 @@ class Tina:
 
     def embed_images(self, images: list[torch.Tensor]) -> torch.Tensor:
         """Mean embedding (E,) of one class's example images, (n, C, H, W) floats in [0, 1]."""
-        from tina.projector import embed_class_images
-
         return embed_class_images(self, images)
 
     # ---- tasks --------------------------------------------------------------------------------
@@ -191,7 +164,8 @@ class Tina:
         models = []
         layout = self.bundle.layout
         for i, t in enumerate(tasks):
-            net = build_model(self.bundle, tokens_to_flat(self.bundle, tokens[i], t.cond), t.classes)
+            flat = tokens_to_flat(layout, tokens[i], t.cond, self.bundle.anchor)  # (P,)
+            net = build_model(self.bundle, flat, t.classes)
             net.tina_info = {
                 "prompt": t.prompt, "classes": t.classes, "seed": seed, "steps": steps, "guidance": guidance,
                 "sampler": sampler, "warnings": t.warnings, "generator_fingerprint": layout.fingerprint,

