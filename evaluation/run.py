@@ -20,6 +20,7 @@ from evaluation.prompts import Conditions, unit
 from evaluation.report import results_markdown, write_plots
 from evaluation.scoring import accuracies, disagreement, flat_probs
 from evaluation.statistics import split_summary
+from tina.atomic import atomic_write_text
 from tina.errors import TinaError
 from tina.validate import writable_folder
 from zoo_builder.tasks import nearest_known
@@ -258,11 +259,11 @@ def evaluate(cfg: EvalConfig) -> dict:
     results["timing"] = {"seconds": round(time.perf_counter() - t_start, 1), "generation_seconds": round(gen_seconds, 1),
                          "generated_models": len(flats), "models_per_second": round(len(flats) / max(gen_seconds, 1e-9), 1),
                          "scored_models": n_models, "threads": torch.get_num_threads()}
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    (out / "results.md").write_text(results_markdown(results))
+    atomic_write_text(out / "results.json", json.dumps(results, indent=1))
+    atomic_write_text(out / "results.md", results_markdown(results))
     if cfg.plots:
         results["plots"] = write_plots(results, out)
-        (out / "results.json").write_text(json.dumps(results, indent=1))
+        atomic_write_text(out / "results.json", json.dumps(results, indent=1))
     log.info("evaluation written to %s in %.0f s", out, results["timing"]["seconds"])
     return results
 

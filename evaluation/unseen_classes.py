@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tina.atomic import atomic_write_text
 from tina.errors import TinaError
 from tina.imprint import imprint
 from tina.training.accuracy import task_test_set
@@ -200,8 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(r, indent=1))
-        out.with_suffix(".md").write_text(table + "\n")
+        atomic_write_text(out, json.dumps(r, indent=1))
+        atomic_write_text(out.with_suffix(".md"), table + "\n")
     return 0
 
 

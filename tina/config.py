@@ -15,6 +15,7 @@ from dataclasses import MISSING, fields, is_dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from tina.atomic import atomic_write_text
 from tina.errors import TinaError
 from tina.extras import require
 
@@ -78,10 +79,7 @@ def to_dict(cfg) -> dict:
 
 def save_config(cfg, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML (atomically)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    os.replace(tmp, path)
+    atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
 
 def config_keys(schema: type, prefix: str = "") -> list[tuple[str, str, str, str]]:

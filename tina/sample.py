@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from tina.bundle import Bundle, load_bundle
-from tina.diffusion import make_scheduler, sample_tokens
+from tina.diffusion import initial_noise, make_scheduler, one_step_x0, sample_tokens
 from tina.errors import TinaError
 from tina.expected import Assessment, assess
 from tina.imprint import imprint
@@ -72,9 +72,12 @@ class Tina:
             classes = prompt_classes(classes=prompt) if isinstance(prompt, list) else prompt_classes(prompt)
             name_or_path = route(classes).card.path
         tina = cls(load_bundle(resolve_checkpoint(name_or_path), device=device), device)
-        # Import the default sampler's scheduler now (diffusers takes 1-2 s to import), so the
-        # first generation's reported time is the generation's.
-        make_scheduler(tina.bundle.scheduler_config, tina.bundle.meta.get("sampling", {}).get("sampler", "ddim"))
+        # Import the default sampler's scheduler now (diffusers takes 1-2 s to import), so the first
+        # generation's reported time is the generation's; the one-step default needs none (diffusion.py).
+        d = tina.bundle.meta.get("sampling", {})
+        sampler, steps = d.get("sampler", "ddim"), d.get("steps", 25)
+        if not one_step_x0(tina.bundle.scheduler_config, sampler, steps):
+            make_scheduler(tina.bundle.scheduler_config, sampler)
         return tina
 
     # ---- text ---------------------------------------------------------------------------------
@@ -164,8 +167,7 @@ class Tina:
         mask = torch.zeros(len(tasks), K, dtype=torch.bool)
         for i, t in enumerate(tasks):
             cond[i, : len(t.classes)], mask[i, : len(t.classes)] = t.cond, True
-        gen = torch.Generator().manual_seed(seed)
-        noise = torch.randn(len(tasks), self.bundle.dit.num_tokens(K), self.bundle.layout.token_size, generator=gen)
+        noise = initial_noise(seed, [self.bundle.dit.num_tokens(len(t.classes)) for t in tasks], self.bundle.layout.token_size)
         tokens = sample_tokens(
             self.bundle.dit, self.bundle.scheduler_config, cond.to(self.device), None if bool(mask.all()) else mask.to(self.device),
             sampler=sampler, steps=steps, guidance=guidance, noise=noise.to(self.device),

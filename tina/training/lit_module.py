@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from tina.config import at_least
-from tina.diffusion import DiffusionConfig, make_scheduler, sample_tokens, scheduler_config, training_loss
+from tina.diffusion import DiffusionConfig, initial_noise, make_scheduler, sample_tokens, scheduler_config, training_loss
 from tina.layout import ParamLayout
 from tina.model import DiT
 from tina.schedule import warmup_cosine
@@ -151,8 +151,7 @@ def validate_generated(dit, layout, sched_config, models: list[dict], dataset, t
         emb = class_emb[m["class_ids"]] if class_emb is not None else m["emb"][:, 0]  # (k, E) plain class names
         cond[i, :k] = emb.float()
         mask[i, :k] = True
-    gen = torch.Generator().manual_seed(0)
-    noise = torch.randn(len(models), dit.num_tokens(K), layout.token_size, generator=gen)
+    noise = initial_noise(0, [dit.num_tokens(len(m["classes"])) for m in models], layout.token_size)  # as Tina.generate_tasks(seed=0)
     tokens = sample_tokens(dit, sched_config, cond.to(device), None if bool(mask.all()) else mask.to(device),
                            sampler=diffusion.sampler, steps=diffusion.steps, guidance=diffusion.guidance,
                            noise=noise.to(device)).float().cpu()

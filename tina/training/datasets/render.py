@@ -11,7 +11,6 @@ import logging
 import multiprocessing
 import os
 import re
-import tempfile
 import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
@@ -22,6 +21,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from tina.atomic import atomic_write
 from tina.errors import TinaError
 from tina.images import render
 from tina.targets import ImageSpec
@@ -133,18 +133,10 @@ def _file_fingerprint(paths: list[str], root: str) -> list[list]:
 
 
 def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write atomically: a temporary file in the same folder, then os.replace."""
+    """Write the cache atomically (tina.atomic): a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, **arrays)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache is as readable as any download
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path) as f:
+        np.savez_compressed(f, **arrays)
 
 
 def _load_npz(path: Path, name: str, frame: ImageSpec) -> ImageDataset | None:
