@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from tina.errors import TinaError
+from tina.validate import check_sampling
 
 PREDICTION_TYPES = {"x0": "sample", "eps": "epsilon", "v": "v_prediction"}
 SAMPLERS = ("ddim", "dpm", "ddpm")
@@ -43,6 +44,33 @@ class DiffusionConfig:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
         if not 0.0 <= self.high_noise_fraction <= 1.0:
             raise ValueError(f"high_noise_fraction must be in [0, 1], got {self.high_noise_fraction}")
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """Checked generation settings, the checkpoint's defaults filled in."""
+
+    seed: int
+    steps: int
+    guidance: float
+    sampler: str
+
+
+def resolve_sampling(defaults: dict, seed: int = 0, steps: int | None = None, guidance: float | None = None,
+                     sampler: str | None = None) -> SamplingSettings:
+    """The one place generation settings are checked: the library (Tina.generate_tasks), the CLI (its flags
+    reach the library unchanged; check_args runs the same range checks before any loading) and the demo.
+
+    None takes the checkpoint's default (`defaults`: bundle.json "sampling"); then every value is checked,
+    defaults included (a hand-edited bundle.json is input too). TinaError names the setting."""
+    check_sampling(seed, steps, guidance)
+    steps = defaults.get("steps", 25) if steps is None else steps
+    guidance = defaults.get("guidance", 1.0) if guidance is None else guidance
+    sampler = sampler or defaults.get("sampler", "ddim")
+    if sampler not in SAMPLERS:
+        raise TinaError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
+    check_sampling(seed, steps, guidance)
+    return SamplingSettings(seed, steps, float(guidance), sampler)
 
 
 def scheduler_config(cfg: DiffusionConfig) -> dict:

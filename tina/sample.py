@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from tina.bundle import Bundle, load_bundle
-from tina.diffusion import initial_noise, make_scheduler, one_step_x0, sample_tokens
+from tina.diffusion import initial_noise, make_scheduler, one_step_x0, resolve_sampling, sample_tokens
 from tina.errors import TinaError
 from tina.expected import Assessment, assess
 from tina.imprint import imprint
@@ -30,7 +30,6 @@ from tina.prompts import parse_prompt
 from tina.projector import embed_class_images
 from tina.registry import AUTO, resolve_checkpoint  # noqa: F401 - resolve_checkpoint is part of this module's API
 from tina.targets import TargetNet
-from tina.validate import check_sampling
 from tina.weights import build_model, tokens_to_flat
 
 log = logging.getLogger(__name__)
@@ -155,11 +154,8 @@ class Tina:
         self, tasks: list[Task], seed: int = 0, steps: int | None = None, guidance: float | None = None, sampler: str | None = None,
     ) -> list[TargetNet]:
         """All tasks in one batched reverse process (tasks of different k are padded and masked)."""
-        check_sampling(seed, steps, guidance)
-        d = self.bundle.meta.get("sampling", {})
-        steps = d.get("steps", 25) if steps is None else steps
-        guidance = d.get("guidance", 1.0) if guidance is None else guidance
-        sampler = sampler or d.get("sampler", "ddim")
+        settings = resolve_sampling(self.bundle.meta.get("sampling", {}), seed, steps, guidance, sampler)
+        seed, steps, guidance, sampler = settings.seed, settings.steps, settings.guidance, settings.sampler
         t0 = time.perf_counter()
         K = max(len(t.classes) for t in tasks)
         E = tasks[0].cond.shape[-1]
