@@ -18,6 +18,22 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
+def fashion_mnist():
+    """The Fashion-MNIST dataset. Missing: a skip whose reason `-ra` prints, or a failure under
+    TINA_REQUIRE_DATA=1 (CI, which installs it): a suite meant to measure accuracy on real images must
+    not pass by skipping those tests."""
+    from tina.errors import TinaError
+    from tina.training.datasets import load_dataset
+
+    try:
+        return load_dataset("fashion-mnist")
+    except TinaError as e:
+        if os.environ.get("TINA_REQUIRE_DATA") == "1":
+            pytest.fail(f"TINA_REQUIRE_DATA=1 but Fashion-MNIST is missing: {e}")
+        pytest.skip(f"Fashion-MNIST not installed ({e}); `make setup` installs it")
+
+
+@pytest.fixture(scope="session")
 def random_generator(tmp_path_factory):
     """An untrained generator folder over the Fashion-MNIST vocabulary (no training needed)."""
     from tina.training.testing import random_bundle

@@ -117,16 +117,11 @@ def test_bundle_checks(random_generator, tmp_path):
         Tina.from_pretrained(tmp_path / "nope")
 
 
-def test_shipped_default_generates_accurate_models(tmp_path):
+def test_shipped_default_generates_accurate_models(tmp_path, fashion_mnist):
     """The checkpoint in the repository: a real prompt gives a model that works on real images."""
     from tina.training.accuracy import accuracy, task_test_set
 
-    try:
-        from tina.training.datasets import load_dataset
-
-        ds = load_dataset("fashion-mnist")
-    except TinaError as e:
-        pytest.skip(str(e))
+    ds = fashion_mnist
     t = Tina.from_pretrained("default")
     assert t.bundle.k_max >= 10 and t.bundle.projector  # image prompts ship with it
     sneaker, sandal = ds.classes.index("sneaker"), ds.classes.index("sandal")

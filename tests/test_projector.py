@@ -29,13 +29,8 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def fashion():
-    from tina.training.datasets import load_dataset
-
-    try:
-        return load_dataset("fashion-mnist")
-    except TinaError as e:
-        pytest.skip(f"Fashion-MNIST not installed: {e}")
+def fashion(fashion_mnist):
+    return fashion_mnist
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,15 @@ ROOT = Path(__file__).parent.parent
 
 
 def test_stream_batches_permute_classes_and_mix_prompts(tiny_zoo):
+    """Each example permutes its classes (head rows and conditions move together) and names each class by
+    its plain name with probability name_prob, else by another prompt variant; batches pad and mask."""
+    import random
+
+    from tina.training.data import make_example
+
     man = read_manifest(tiny_zoo)
     layout = layout_from_manifest(man)
-    stream = ZooStream(shard_urls(tiny_zoo, man, "train"), layout, AugmentConfig(permute_classes=True, name_prob=0.0), seed=0)
+    stream = ZooStream(shard_urls(tiny_zoo, man, "train"), layout, AugmentConfig(permute_classes=True, name_prob=0.5), seed=0)
     examples = [ex for _, ex in zip(range(12), stream)]
     batch = collate(examples, layout)
     K = max(e["k"] for e in examples)
@@ -25,13 +31,29 @@ def test_stream_batches_permute_classes_and_mix_prompts(tiny_zoo):
     assert batch["cond"].shape[:2] == (12, K)
     assert batch["cond_mask"].sum().item() == sum(e["k"] for e in examples)
     assert torch.all(batch["x0"][~batch["elem_mask"]] == 0)
-    # a permuted example still decodes to the same set of head rows as the stored model
+
     model = load_split(tiny_zoo, "train", limit=1)[0]
-    k = len(model["classes"])
-    ex = examples[0]
-    assert ex["cond"].norm(dim=-1).allclose(torch.ones(ex["k"]), atol=1e-3)
-    stored = model["params"][layout.body_size:].reshape(k, layout.head_dim)
-    assert stored.shape[1] == layout.head_dim
+    params, emb = model["params"], model["emb"].float()  # (P,), (k, V, E)
+    k, V = emb.shape[:2]
+    stored_rows = params[layout.body_size:].reshape(k, layout.head_dim)
+    unit = emb / emb.norm(dim=-1, keepdim=True)  # (k, V, E)
+    orders, variants = set(), []
+    for seed in range(12):
+        ex = make_example(params, model["emb"], layout, AugmentConfig(permute_classes=True, name_prob=0.5), random.Random(seed))
+        flat = layout.denormalize(layout.detokenize(ex["x0"], k), k)
+        rows = flat[layout.body_size:].reshape(k, layout.head_dim)
+        perm = [int((stored_rows - r).abs().sum(-1).argmin()) for r in rows]  # which stored class each row is
+        assert sorted(perm) == list(range(k)) and torch.allclose(rows, stored_rows[perm], atol=1e-4)
+        assert torch.allclose(flat[: layout.body_size], params[: layout.body_size], atol=1e-4)  # the body is not permuted
+        for j, c in enumerate(perm):  # the condition of position j is a variant of the class whose row sits at j
+            sims = unit[c] @ ex["cond"][j]  # (V,)
+            assert sims.max() > 0.999
+            variants.append(int(sims.argmax()))
+        orders.add(tuple(perm))
+    assert len(orders) > 1, "classes were never permuted"
+    assert 0 in variants and any(v > 0 for v in variants), "prompts were not mixed (plain names and other variants)"
+    plain = make_example(params, model["emb"], layout, AugmentConfig(permute_classes=False, name_prob=1.0), random.Random(0))
+    assert torch.allclose(plain["cond"], unit[:, 0], atol=1e-3)  # no augmentation: stored order, plain names
 
 
 def test_training_writes_a_loadable_bundle_with_metrics(tiny_run):
