@@ -134,3 +134,27 @@ def test_shipped_default_generates_accurate_models(tmp_path, fashion_mnist):
     assert accuracy(rev, x2, y2) > 0.9
     # text steers the weights: swapping the meaning of the outputs must destroy accuracy
     assert accuracy(model, x, 1 - y) < 0.2
+
+
+def test_pt2_export_runs_once_per_architecture(tina, tmp_path, monkeypatch):
+    """The second model of an architecture reuses the first one's torch.export program with its own
+    weights (no export), and the program computes that model; a template failing its sha256 is re-exported."""
+    import tina.export as E
+
+    monkeypatch.setenv("TINA_CACHE", str(tmp_path / "cache"))
+    first = tina.generate("classify sneakers vs sandals", seed=1)
+    save_generated(first, tmp_path / "a")
+    calls = []
+    real = E.export_program
+    monkeypatch.setattr(E, "export_program", lambda net: calls.append(1) or real(net))
+    second = tina.generate("classify coats vs bags", seed=2)
+    save_generated(second, tmp_path / "b")
+    assert calls == []  # the cached program, new weights
+    x = torch.rand(3, 1, 28, 28)
+    prog = torch.export.load(str(tmp_path / "b" / "model.pt2")).module()
+    assert torch.allclose(prog(x), second(x), atol=1e-5) and not torch.allclose(prog(x), first(x), atol=1e-3)
+    (template,) = (tmp_path / "cache" / "export").glob("*.pt2")
+    template.write_bytes(template.read_bytes()[:-1] + b"\0")  # tampered: must not be used
+    save_generated(second, tmp_path / "c")
+    assert calls == [1]
+    assert torch.allclose(torch.export.load(str(tmp_path / "c" / "model.pt2")).module()(x), second(x), atol=1e-5)
