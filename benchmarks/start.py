@@ -10,10 +10,12 @@ them, because a shared machine makes single runs noisy. The goal (issue 19): gen
 time and <= 1.15x the peak memory of importing torch.
 
 Commands (the page cache is warm after the first round for all of them alike):
-  import torch       python -c "import torch"
-  import tina        python -c "from tina import Tina" (what the API costs before any work)
-  generate           tina generate PROMPT --output DIR (the default: one DDIM step, no diffusers, TorchScript)
-  generate pt2       the same with --format pt2 (torch.export, for comparison)
+  import torch          python -c "import torch"
+  generate              tina generate PROMPT --output DIR: the default (one DDIM step without diffusers,
+                        model.pt2 from the export cache, which the first round fills)
+  generate, new arch    the same with an empty $TINA_CACHE each time: the first model of an architecture
+                        on a machine pays torch.export (~1.5 s on an idle CPU)
+  import tina           python -c "from tina import Tina" (with --only: the library's own import cost)
 """
 
 from __future__ import annotations
@@ -35,14 +37,18 @@ PROMPT = "classify sneakers vs sandals"
 TIME_GOAL, RSS_GOAL = 1.3, 1.15
 
 
-def commands(out: Path) -> dict[str, list[str]]:
-    cli = [sys.executable, "-m", "tina.cli", "generate", PROMPT, "--output"]
+def commands(tmp: Path) -> dict[str, tuple[list[str], dict]]:
+    """name -> (argv, extra environment); generate's TINA_CACHE lives in `tmp`, so the run starts empty."""
+    cli = [sys.executable, "-m", "tina.cli", "generate", PROMPT, "--output", str(tmp / "model")]
     return {
-        "import torch": [sys.executable, "-c", "import torch"],
-        "import tina": [sys.executable, "-c", "from tina import Tina"],
-        "generate": [*cli, str(out / "ts")],
-        "generate pt2": [*cli, str(out / "pt2"), "--format", "pt2"],
+        "import torch": ([sys.executable, "-c", "import torch"], {}),
+        "generate": (cli, {"TINA_CACHE": str(tmp / "cache")}),
+        "generate, new arch": (cli, {"TINA_CACHE": "NEW"}),  # a fresh empty folder per run
+        "import tina": ([sys.executable, "-c", "from tina import Tina"], {}),
     }
+
+
+DEFAULT = ("import torch", "generate", "generate, new arch")
 
 
 def run_once(cmd: list[str], env: dict) -> tuple[float, float]:
@@ -65,18 +71,24 @@ def summary(xs: list[float]) -> dict:
 
 
 def run(rounds: int = 5, only: list[str] | None = None) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    base_env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
     with tempfile.TemporaryDirectory(prefix="tina-start-") as tmp:
-        cmds = commands(Path(tmp))
-        names = [n for n in cmds if only is None or n in only or n == "import torch"]
+        tmp = Path(tmp)
+        cmds = commands(tmp)
+        names = ["import torch", *[n for n in (only or DEFAULT) if n != "import torch"]]
         seconds = {n: [] for n in names}
         rss = {n: [] for n in names}
         for r in range(rounds):
             order = names[r % len(names):] + names[: r % len(names)]  # rotate who goes first
             for n in order:
-                for folder in (Path(tmp) / "ts", Path(tmp) / "pt2"):
-                    shutil.rmtree(folder, ignore_errors=True)  # every generate writes a fresh folder
-                s, m = run_once(cmds[n], env)
+                argv, extra = cmds[n]
+                env = {**base_env, **extra}
+                if env.get("TINA_CACHE") == "NEW":
+                    env["TINA_CACHE"] = tempfile.mkdtemp(dir=tmp)
+                shutil.rmtree(tmp / "model", ignore_errors=True)  # every generate writes a fresh folder
+                s, m = run_once(argv, env)
+                if n.startswith("generate") and not (tmp / "model" / "model.pt2").is_file():
+                    raise RuntimeError(f"{n} wrote no model folder")
                 seconds[n].append(s)
                 rss[n].append(m)
                 print(f"round {r + 1}/{rounds} {n}: {s:.2f} s, {m:.0f} MiB", file=sys.stderr, flush=True)
@@ -112,7 +124,8 @@ def markdown(r: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.start", description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--only", nargs="+", default=None, help="commands to run besides import torch")
+    ap.add_argument("--only", nargs="+", default=None, choices=list(commands(Path("."))),
+                    help=f"commands to run beside import torch (default: {', '.join(DEFAULT[1:])})")
     ap.add_argument("--json", type=Path, default=None, help="write the result here (e.g. docs/results/start.json)")
     ap.add_argument("--md", type=Path, default=None, help="write the markdown table here")
     args = ap.parse_args(argv)
