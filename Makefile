@@ -41,7 +41,7 @@ zoo:
 train:
 	tina train configs/train/fashion_mnist.yaml
 checkpoint: zoo train
-	$(PYTHON) -m tina.projector runs/fashion_mnist/bundle
+	$(PYTHON) -m tina.training.projector runs/fashion_mnist/bundle
 	$(PYTHON) -m tina.bundle runs/fashion_mnist/bundle tina/checkpoints/fashion-mnist --half
 	nice -n 15 $(PYTHON) -m evaluation.calibrate fashion-mnist --zoo-config configs/zoo/fashion_mnist.yaml
 eval:
