@@ -83,7 +83,7 @@ def test_planted_pickle_members_in_a_shard_are_never_unpickled(tmp_path):
 
 def test_no_webdataset_decoder_is_used_anywhere():
     # webdataset's default decoders unpickle .pyd/.pth members: Tina reads shards only through tina.training.shardio
-    for path in [*ROOT.glob("tina/*.py"), *ROOT.glob("zoo_builder/*.py"), *ROOT.glob("benchmarks/*.py"), *ROOT.glob("serve/*.py")]:
+    for path in [*ROOT.glob("tina/**/*.py"), *ROOT.glob("zoo_builder/*.py"), *ROOT.glob("benchmarks/*.py"), *ROOT.glob("serve/*.py")]:
         text = path.read_text()
         assert "import webdataset" not in text and ".decode()" not in text, path
 
