@@ -121,7 +121,7 @@ def evaluate_unseen(zoo: str | Path, checkpoint: str, tasks: int = 0, shots: tup
             "mean_k": round(float(np.mean([r["k"] for r in per_task])), 2), "summary": summary, "per_task": per_task}  # fmt: skip
 
 
-def choose_win_rate(zoo: str | Path, checkpoint: str, tasks: int = 0, shots: int = 5, rates=(0.25, 0.5, 0.75, 1.0),
+def choose_win_rate(zoo: str | Path, checkpoint: str, tasks: int = 0, shots: int = 5, rates=(0.5, 0.75, 1.0, 1.5, 2.0, 3.0),
                     seed: int = 0, per_class: int | None = None) -> dict:
     """The val protocol behind tina/imprint.py's WIN_RATE: on the zoo's val tasks (known classes only),
     one class per task plays the unseen class; its generated row is replaced by an imprinted one from

@@ -35,7 +35,7 @@ def test_imprinting_changes_only_the_given_class_row_on_the_generated_rows_scale
 
 
 def test_imprinted_class_wins_the_chosen_share_of_its_examples():
-    for rate, low, high in ((0.5, 0.5, 0.84), (1.0, 1.0, 1.0)):
+    for rate, low, high in ((0.5, 0.5, 0.84), (1.0, 1.0, 1.0), (2.0, 1.0, 1.0)):
         net, x = _net_and_images(n=6)
         imprint(net, {2: x}, win_rate=rate)
         wins = (net(x).argmax(-1) == 2).float().mean().item()
