@@ -39,7 +39,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "zoo" / "clipart.yaml"
 
