@@ -10,7 +10,9 @@ generic row of the known class whose name embedding is closest: the baseline).
 For every such task this measures, on the same test images, overall and on the held-out classes'
 images alone: chance (1/k), nearest-known-class selection, the oracle, and the generator prompted by
 names, by stored descriptions, and by 1 or 5 training images per held-out class (image prompts, when
-the checkpoint has a projector). "Halfway" = (generated - chance) / (oracle - chance) on held-out images.
+the checkpoint has a projector), and with the held-out classes' head rows imprinted from those images
+(tina/imprint.py). "Halfway" = (method - chance) / (oracle - chance) on held-out images.
+`--val` instead runs the protocol that chooses imprinting's win rate on the zoo's val tasks.
 
     python -m evaluation.unseen_classes --zoo zoos/clipart --checkpoint runs/clipart/bundle --out docs/results/unseen_classes_clipart.json
 """

@@ -75,7 +75,9 @@ def test_cli_imprint_generates_an_unknown_class_it_would_otherwise_refuse(random
     assert not (tmp_path / "refused").exists()
     images = [a for p in pngs for a in ("--image", f"zebra crossing={p}")]
     out = tmp_path / "m"
+    capsys.readouterr()
     assert main([*base, *images, "--imprint", "-o", str(out)]) == 0
+    assert "imprinted head rows for zebra crossing are not calibrated" in capsys.readouterr().err
     info = json.loads((out / "config.json").read_text())
     assert info["imprinted"] == ["zebra crossing"] and info["allowed_unknown"] is False
     assert main(["generate", "--classes", "coat", "bag", "--imprint", "--checkpoint", str(random_generator),

@@ -25,7 +25,7 @@ from tina.bundle import Bundle, load_bundle
 from tina.diffusion import initial_noise, make_scheduler, one_step_x0, resolve_sampling, sample_tokens
 from tina.errors import TinaError
 from tina.expected import Assessment, assess
-from tina.imprint import imprint
+from tina.imprint import IMPRINT_WARNING, imprint
 from tina.prompts import parse_prompt
 from tina.projector import embed_class_images
 from tina.registry import AUTO, resolve_checkpoint  # noqa: F401 - resolve_checkpoint is part of this module's API
@@ -145,7 +145,10 @@ class Tina:
             image_classes.add(name)
         a = self.assess(classes, cond, image_classes)
         rows = {classes.index(normalize_class(n)): imgs for n, imgs in (images or {}).items()} if imprint else {}
-        return Task(classes, prompt if prompt is not None else " vs ".join(classes), cond, a.warnings, a, rows)
+        warnings = list(a.warnings)
+        if rows:
+            warnings.append(IMPRINT_WARNING.format(classes=", ".join(classes[i] for i in sorted(rows))))
+        return Task(classes, prompt if prompt is not None else " vs ".join(classes), cond, warnings, a, rows)
 
     # ---- generation ---------------------------------------------------------------------------
 
