@@ -59,16 +59,27 @@ def build_model(bundle: Bundle, flat: torch.Tensor, classes: list[str]) -> Targe
 
 
 def assemble(target: str, image, layout, flat: torch.Tensor, classes: list[str], base: dict | None = None) -> TargetNet:
-    """Generated flat vector (+ frozen base weights) → a strictly loaded TargetNet with `.classes`."""
+    """Generated flat vector (+ frozen base weights) → a strictly loaded TargetNet with `.classes`.
+    Generation, validation during training and evaluation all load weights through `load_flat`."""
     if not torch.isfinite(flat).all():
         bad = (~torch.isfinite(flat)).sum().item()
         raise TinaError(f"the generated weights contain {bad} NaN/Inf values; try another --seed or fewer --guidance")
-    k = len(classes)
-    net = get_target(target).build(k, image)
-    state = layout.unflatten(flat.float().cpu(), k) | (base or {})
-    net.load_state_dict(state, strict=True)
+    net = get_target(target).build(len(classes), image)
+    load_flat(net, layout, flat, base)
     net.classes = list(classes)
     return net.eval()
+
+
+def load_flat(net: TargetNet, layout, flat: torch.Tensor, base: dict | None = None) -> TargetNet:
+    """Load one generated vector (P,) and the frozen base weights (parameters and buffers) into `net`,
+    strictly: a missing frozen tensor is an error, never a silently random backbone."""
+    k = net.head.out_features
+    state = layout.unflatten(flat.float().cpu(), k) | (base or {})
+    missing = [n for n in layout.frozen if n not in state]
+    if missing:
+        raise TinaError(f"{layout.target}: {len(missing)} frozen tensors (e.g. {missing[0]}) are missing from the base weights")
+    net.load_state_dict(state, strict=True)
+    return net
 
 
 class Tina:
