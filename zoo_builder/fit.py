@@ -22,8 +22,8 @@ well-shaped product per pooled pixel and the pre-pool activations are never need
     memory traffic and per-op overhead; ReLU is applied after pooling (max and ReLU commute), and input
     gradients skip col2im: one matmul over x-gathered output gradients gives the three row partial
     sums, then three row-shifted adds (_conv3_input_grad).
-`<timm>+linear` targets: the backbone is frozen, so features are computed once and only stacked
-linear heads train here.
+Every other target (and every head over frozen features) trains through the generic trainer,
+zoo_builder/stack.py; StackedTrainer, evaluate and fit_group take either.
 
 Heads of a group are padded to the group's largest k; padded logits are -inf, so padded rows
 get exactly zero gradient and stay zero.
@@ -42,7 +42,8 @@ from tina.errors import TinaError
 from tina.schedule import warmup_cosine
 from tina.targets import CNN5kBody
 from zoo_builder import kernels
-from zoo_builder.kernels import (ImageBatch, TorchKernels, grouped_features, head_backward, head_loss, max4_relu,
+from zoo_builder.stack import FuncStack
+from zoo_builder.kernels import (ImageBatch, TorchKernels, grouped_features, head_backward, max4_relu,
                                  max4_relu_backward)
 
 log = logging.getLogger(__name__)
@@ -313,40 +314,6 @@ def _grouped_kernel(w: torch.Tensor, cin: int) -> torch.Tensor:
     return w.view(G, 3, 3, cin, cout).permute(0, 4, 3, 1, 2).reshape(G * cout, cin, 3, 3).contiguous(memory_format=torch.channels_last)
 
 
-class StackedLinear:
-    """G linear heads over precomputed (frozen) features: wh (G, D, K), bh (G, K); inputs (G, B, D)."""
-
-    kind = "features"
-
-    def __init__(self, feature_dim: int):
-        self.D = feature_dim
-
-    def pack(self, state_dicts: list[dict[str, torch.Tensor]], k_max: int) -> dict[str, torch.Tensor]:
-        G = len(state_dicts)
-        p = {"wh": torch.zeros(G, self.D, k_max), "bh": torch.zeros(G, k_max)}
-        for i, sd in enumerate(state_dicts):
-            k = sd["head.weight"].shape[0]
-            p["wh"][i, :, :k] = sd["head.weight"].T
-            p["bh"][i, :k] = sd["head.bias"]
-        return p
-
-    def state_dict(self, p, i: int, k: int) -> dict[str, torch.Tensor]:
-        return {"head.weight": p["wh"][i, :, :k].T.contiguous(), "head.bias": p["bh"][i, :k].clone()}
-
-    def logits(self, p, x):
-        return torch.baddbmm(p["bh"][:, None, :], x, p["wh"])
-
-    def inputs(self, data: "FitData", source: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        return data.inputs(source, idx)  # (G, B, D) features
-
-    def train_inputs(self, data: "FitData", idx: torch.Tensor) -> torch.Tensor:
-        return data.inputs(data.train, idx)
-
-    def loss_and_grads(self, p, x, y, kmask):
-        loss, dl = head_loss(x, p["wh"], p["bh"], y, kmask)
-        return loss, {"wh": torch.bmm(x.transpose(1, 2), dl), "bh": dl.sum(1)}
-
-
 class StackedTrainer:
     """Stacked parameters + one Adam over them. Adam is elementwise, so this equals G separate Adams.
 
@@ -362,8 +329,9 @@ class StackedTrainer:
         self.per_call = models_per_call or self.G
         for t in params.values():
             t.grad = torch.zeros_like(t)
-        head = [t for n, t in params.items() if n in ("wh", "bh")]
-        body = [t for n, t in params.items() if n not in ("wh", "bh")]
+        is_head = [n in ("wh", "bh") or n.startswith("head.") for n in params]  # fast-path or state-dict names
+        head = [t for t, h in zip(params.values(), is_head) if h]
+        body = [t for t, h in zip(params.values(), is_head) if not h]
         groups = [{"params": head, "lr": lr * head_lr_mult, "lr_mult": head_lr_mult}]
         if body:
             groups.append({"params": body, "lr": lr, "lr_mult": 1.0})
@@ -522,7 +490,7 @@ def evaluate(net, p: dict[str, torch.Tensor], source: torch.Tensor, data: FitDat
              chunk: int, models_per_call: int = 0) -> torch.Tensor:
     """Accuracy (G,) of each model on the evaluation examples of its own classes (argmax over its k).
 
-    `source`: data.eval (images for the net) or data.eval_features (for a StackedLinear head).
+    `source`: data.eval (images for the net) or data.eval_features (for a FuncStack.head).
     Runs over slices of `models_per_call` models, `chunk` examples per model at a time."""
     G = ids.shape[0]
     per_call = models_per_call or G
@@ -594,7 +562,7 @@ def fit_group(net, generic: dict[str, torch.Tensor], tasks: list[list[int]], key
     params = {n: t.to(dev) for n, t in net.pack(init, k_max).items()}
     # Selection accuracy = the generic model restricted to the task's classes: generic features
     # (computed once for the whole evaluation set) through the selected head rows.
-    head = StackedLinear(data.eval_features.shape[1])
+    head = FuncStack.head(data.eval_features.shape[1])
     head_params = {n: t.to(dev) for n, t in head.pack(init, k_max).items()}
     selection = evaluate(head, head_params, data.eval_features, data, ids, ks, cfg.eval_chunk)
     trainer = StackedTrainer(net, params, kmask, cfg.lr, models_per_call, cfg.head_lr_mult)
@@ -625,7 +593,7 @@ def training_flops(target: str, image_channels: int, size: int, k: int, feature_
 
 
 __all__ = [
-    "StackedCNN5k", "StackedLinear", "StackedTrainer", "FitData", "GroupResult", "class_index",
+    "StackedCNN5k", "StackedTrainer", "FitData", "GroupResult", "class_index",
     "class_tables", "counter_uniform", "model_keys", "sample_batch", "minibatches", "evaluate", "selection_state_dicts", "fit_group",
     "tune_malloc", "training_flops",
 ]  # fmt: skip
