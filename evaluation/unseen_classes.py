@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from tina.accuracy import task_test_set
+from tina.imprint import imprint
 from tina.errors import TinaError
 from tina.validate import ArgumentParser
 
@@ -74,7 +75,7 @@ def evaluate_unseen(zoo: str | Path, checkpoint: str, tasks: int = 0, shots: tup
     layout = ParamLayout.from_dict(man["layout"])
     generic = load_file(str(zoo / "generic.safetensors"))
     proxy = nearest_known(load_file(str(zoo / "vocab.safetensors"))["names"], held)
-    has_projector = tina.bundle.projector is not None
+    has_projector = bool(tina.bundle.projector)
     rng = np.random.default_rng(seed)
     per_task = []
     for m in models:
@@ -95,25 +96,67 @@ def evaluate_unseen(zoo: str | Path, checkpoint: str, tasks: int = 0, shots: tup
         task = tina.make_task(classes=names)
         task.cond[held_pos] = torch.nn.functional.normalize(tina.encoder.encode([d for d, h in zip(descriptions, held_pos) if h]).float(), dim=-1)
         row["generated_description"] = _scores(_predict(tina.generate_tasks([task], seed=seed)[0], x), y, held_mask)
-        for n in shots if has_projector else ():
+        for n in shots:
             images = {}
             for i in range(k):
                 if held_pos[i]:  # training images of the held-out class: its only "prompt"
                     pool = np.flatnonzero(dataset.train_y == ids[i])
                     images[names[i]] = dataset.tensors("train", np.sort(rng.choice(pool, min(n, len(pool)), replace=False)))[0]
-            row[f"generated_image_{n}shot"] = _scores(_predict(tina.generate(classes=names, images=images, seed=seed), x), y, held_mask)
+            if has_projector:
+                row[f"generated_image_{n}shot"] = _scores(_predict(tina.generate(classes=names, images=images, seed=seed), x), y, held_mask)
+            row[f"imprinted_{n}shot"] = _scores(_predict(tina.generate(classes=names, images=images, seed=seed, imprint=True), x), y, held_mask)
         per_task.append(row)
     methods = [k for k in per_task[0] if isinstance(per_task[0][k], dict) and "all" in per_task[0][k]]
     summary = {}
     for meth in methods:
         summary[meth] = {part: round(float(np.nanmean([r[meth][part] for r in per_task])), 4) for part in ("all", "held_out", "known")}
     for meth in methods:
-        if meth.startswith("generated"):
+        if meth not in ("chance", "oracle"):
             gap = summary["oracle"]["held_out"] - summary["chance"]["held_out"]
             summary[meth]["halfway_held_out"] = round((summary[meth]["held_out"] - summary["chance"]["held_out"]) / gap, 3) if gap > 0 else None
     return {"zoo": str(zoo), "checkpoint": str(checkpoint), "dataset": man["dataset"]["name"],
             "held_out_classes": [dataset.classes[c] for c in held], "tasks": len(per_task),
             "mean_k": round(float(np.mean([r["k"] for r in per_task])), 2), "summary": summary, "per_task": per_task}  # fmt: skip
+
+
+def choose_win_rate(zoo: str | Path, checkpoint: str, tasks: int = 0, shots: int = 5, rates=(0.5, 0.75, 1.0, 1.5, 2.0, 3.0),
+                    seed: int = 0, per_class: int | None = None) -> dict:
+    """The val protocol behind tina/imprint.py's WIN_RATE: on the zoo's val tasks (known classes only),
+    one class per task plays the unseen class; its generated row is replaced by an imprinted one from
+    `shots` training images, for each candidate win rate. Accuracy overall and on that class's images."""
+    from tina.data import load_split, read_manifest
+    from tina.datasets import load_dataset
+    from tina.sample import Tina
+
+    models = load_split(zoo, "val", limit=tasks or None)
+    if not models:
+        raise TinaError(f"zoo {zoo} has no val tasks (tasks.val=0): nothing to choose the win rate on")
+    man = read_manifest(zoo)
+    tina = Tina.from_pretrained(checkpoint)
+    dataset = load_dataset(man["dataset"])
+    rng = np.random.default_rng(seed)
+    per_task = []
+    for m in models:
+        ids, names = [int(c) for c in m["class_ids"]], list(m["classes"])
+        x, y = task_test_set(dataset, ids, per_class)
+        pick = int(rng.integers(len(ids)))
+        mask = y == pick
+        pool = np.flatnonzero(dataset.train_y == ids[pick])
+        images = dataset.tensors("train", np.sort(rng.choice(pool, min(shots, len(pool)), replace=False)))[0]
+        net = tina.generate(classes=names, seed=seed)
+        row = {"task": m["key"], "k": len(ids), "class": names[pick], "generated_names": _scores(_predict(net, x), y, mask)}
+        rows = net.head.weight.clone(), net.head.bias.clone()
+        for rate in rates:
+            with torch.no_grad():
+                net.head.weight.copy_(rows[0]), net.head.bias.copy_(rows[1])
+            imprint(net, {pick: images}, win_rate=rate)
+            row[f"imprinted_rate_{rate}"] = _scores(_predict(net, x), y, mask)
+        per_task.append(row)
+    methods = [k for k in per_task[0] if isinstance(per_task[0][k], dict)]
+    summary = {meth: {part: round(float(np.mean([r[meth][part] for r in per_task])), 4) for part in ("all", "held_out")} for meth in methods}
+    best = max(rates, key=lambda rate: (summary[f"imprinted_rate_{rate}"]["all"], -rate))
+    return {"zoo": str(zoo), "checkpoint": str(checkpoint), "split": "val", "tasks": len(per_task), "shots": shots,
+            "chosen_win_rate": best, "summary": summary, "per_task": per_task}
 
 
 def markdown(r: dict) -> str:
@@ -126,6 +169,13 @@ def markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
+def markdown_val(r: dict) -> str:
+    lines = [f"val protocol: {r['tasks']} val tasks, one known class each imprinted from {r['shots']} images; "
+             f"chosen win rate {r['chosen_win_rate']}", "", "| method | all images | that class's images |", "|---|---|---|"]
+    lines += [f"| {meth} | {s['all']:.3f} | {s['held_out']:.3f} |" for meth, s in r["summary"].items()]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = ArgumentParser(prog="python -m evaluation.unseen_classes", description=__doc__.split("\n")[0])
     ap.add_argument("--zoo", required=True, help="a zoo built with tasks.held_out_classes > 0 and tasks.unseen_class > 0")
@@ -133,14 +183,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks", type=int, default=0, help="at most this many tasks (0 = all)")
     ap.add_argument("--shots", type=int, nargs="*", default=[1, 5], help="image-prompt shots per held-out class")
     ap.add_argument("--out", default=None, help="write the JSON here (and the table beside it as .md)")
+    ap.add_argument("--val", action="store_true", help="instead: choose imprinting's win rate on the val split (known classes)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        r = evaluate_unseen(args.zoo, args.checkpoint, args.tasks, tuple(args.shots))
+        if args.val:
+            r = choose_win_rate(args.zoo, args.checkpoint, args.tasks, max(args.shots or [5]))
+        else:
+            r = evaluate_unseen(args.zoo, args.checkpoint, args.tasks, tuple(args.shots))
     except TinaError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    table = markdown(r)
+    table = markdown_val(r) if args.val else markdown(r)
     print(table)
     if args.out:
         out = Path(args.out)

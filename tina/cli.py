@@ -61,10 +61,13 @@ def cmd_generate(args) -> int:
     print(f"checkpoint: {decision.reason}")
     tina = Tina.from_pretrained(decision.card.path, device=args.device)
     images = _parse_image_prompts(args.image, tina.bundle.image) if args.image else None
-    task = tina.make_task(args.prompt, args.classes, images)
+    task = tina.make_task(args.prompt, args.classes, images, imprint=args.imprint)
     a = task.assessment
-    if a.unknown and not args.allow_unknown:
-        raise TinaError(decision.refusal([m.name for m in a.unknown]))
+    unknown = [m.name for m in a.unknown if task.classes.index(m.name) not in task.imprint]
+    if args.imprint and not images:
+        raise TinaError("--imprint builds head rows from image prompts: add --image CLASS=PATH (5 or more a class work best)")
+    if unknown and not args.allow_unknown:
+        raise TinaError(decision.refusal(unknown))
     print("classes (output order): " + ", ".join(f"{i}={printable(c)}" for i, c in enumerate(task.classes)))
     if a.resolved():
         print(f"known classes used: {a.resolved()}")
@@ -72,7 +75,7 @@ def cmd_generate(args) -> int:
     for w in task.warnings:
         print(f"warning: {printable(w)}", file=sys.stderr)
     model = tina.generate_tasks([task], seed=args.seed, steps=args.steps, guidance=args.guidance, sampler=args.sampler)[0]
-    model.tina_info |= {"routing": decision.info(), "allowed_unknown": bool(a.unknown)}
+    model.tina_info |= {"routing": decision.info(), "allowed_unknown": bool(unknown)}
     out = Path(args.output) if args.output else Path("generated") / _slug(task.classes)
     save_generated(model, out, formats=tuple(args.format), backbone=args.backbone)
     n = sum(p.numel() for p in model.parameters())
@@ -175,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--classes", nargs="+", metavar="CLASS", help="explicit class names, in output order")
     g.add_argument("--image", action="append", default=[], metavar="CLASS=PATH",
                    help="image prompt for a class (repeat for several images or classes)")
+    g.add_argument("--imprint", action="store_true",
+                   help="also build the --image classes' head rows from their images' features (few-shot: for classes "
+                        "the checkpoint never saw; such classes are then not refused as unknown)")
     g.add_argument("--checkpoint", default=None,
                    help="generator folder or shipped name (default: route to the shipped checkpoint that knows the classes)")
     g.add_argument("--allow-unknown", action="store_true",

@@ -25,6 +25,7 @@ from tina.bundle import Bundle, load_bundle
 from tina.diffusion import make_scheduler, sample_tokens
 from tina.errors import TinaError
 from tina.expected import Assessment, assess
+from tina.imprint import imprint
 from tina.prompts import parse_prompt
 from tina.registry import AUTO, resolve_checkpoint  # noqa: F401 - resolve_checkpoint is part of this module's API
 from tina.targets import TargetNet, get_target
@@ -40,6 +41,8 @@ class Task:
     cond: torch.Tensor  # (k, E)
     warnings: list[str] = field(default_factory=list)
     assessment: Assessment | None = None  # matches, expected accuracy (tina/expected.py)
+    # Classes whose head rows are imprinted from their example images (tina/imprint.py): {index: (n, C, H, W)}
+    imprint: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 def tokens_to_flat(bundle: Bundle, tokens: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -146,7 +149,10 @@ class Tina:
 
     # ---- tasks --------------------------------------------------------------------------------
 
-    def make_task(self, prompt: str | None = None, classes: list[str] | None = None, images: dict | None = None) -> Task:
+    def make_task(self, prompt: str | None = None, classes: list[str] | None = None, images: dict | None = None,
+                  imprint: bool = False) -> Task:
+        """Parse and embed one request. `images` {class: (n, C, H, W)} prompt those classes by example;
+        with `imprint` their head rows are also built from the examples' features (tina/imprint.py)."""
         from tina.prompts import normalize_class
 
         if classes and prompt is not None:
@@ -169,10 +175,13 @@ class Tina:
             name = normalize_class(name)
             if name not in classes:
                 raise TinaError(f"image prompt for {name!r}, which is not one of the classes {classes}")
+            if imprint and not self.bundle.projector:
+                continue  # no projector: the class is conditioned on its name, its row imprinted below
             cond[classes.index(name)] = self.embed_images(imgs)
             image_classes.add(name)
         a = self.assess(classes, cond, image_classes)
-        return Task(classes, prompt if prompt is not None else " vs ".join(classes), cond, a.warnings, a)
+        rows = {classes.index(normalize_class(n)): imgs for n, imgs in (images or {}).items()} if imprint else {}
+        return Task(classes, prompt if prompt is not None else " vs ".join(classes), cond, a.warnings, a, rows)
 
     # ---- generation ---------------------------------------------------------------------------
 
@@ -203,9 +212,10 @@ class Tina:
         layout = self.bundle.layout
         for i, t in enumerate(tasks):
             net = build_model(self.bundle, tokens_to_flat(self.bundle, tokens[i], t.cond), t.classes)
+            imprint(net, t.imprint)
             net.tina_info = {
                 "prompt": t.prompt, "classes": t.classes, "seed": seed, "steps": steps, "guidance": guidance,
-                "sampler": sampler, "warnings": t.warnings, "generator_fingerprint": layout.fingerprint,
+                "sampler": sampler, "warnings": t.warnings, "imprinted": [t.classes[c] for c in sorted(t.imprint)], "generator_fingerprint": layout.fingerprint,
                 "checkpoint": str(self.bundle.path) if self.bundle.path else None,
                 **(t.assessment.info() if t.assessment is not None else {}),
                 "seconds": time.perf_counter() - t0,
@@ -214,9 +224,11 @@ class Tina:
         return models
 
     def generate(self, prompt: str | None = None, *, classes: list[str] | None = None, images: dict | None = None,
-                 seed: int = 0, steps: int | None = None, guidance: float | None = None, sampler: str | None = None) -> TargetNet:
-        """One model: `prompt` ("classify X vs Y") or explicit `classes`; `images` {class: (n,C,H,W)}."""
-        task = self.make_task(prompt, classes, images)
+                 seed: int = 0, steps: int | None = None, guidance: float | None = None, sampler: str | None = None,
+                 imprint: bool = False) -> TargetNet:
+        """One model: `prompt` ("classify X vs Y") or explicit `classes`; `images` {class: (n,C,H,W)},
+        with `imprint` also building those classes' head rows from the images (tina/imprint.py)."""
+        task = self.make_task(prompt, classes, images, imprint)
         return self.generate_tasks([task], seed=seed, steps=steps, guidance=guidance, sampler=sampler)[0]
 
     def generate_many(self, prompts: list[str | list[str]], seed: int = 0, **kw) -> list[TargetNet]:
