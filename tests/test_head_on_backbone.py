@@ -20,6 +20,51 @@ TRAIN = ["generator.size=DiT-T", "trainer.batch_size=4", "trainer.max_steps=2", 
          "val.tasks=2", "diffusion.steps=2", "val.images_per_class=10", "trainer.final_val_tasks=2", "optim.warmup_steps=1"]
 
 
+def _trained_resnet20(k=3):
+    from tina.targets import ImageSpec, get_target
+
+    torch.manual_seed(0)
+    net = get_target("resnet20+linear").build(k, ImageSpec(1, 28, (0.3,), (0.35,)))
+    net.train()
+    net(torch.rand(16, 1, 28, 28))  # moves the BatchNorm running statistics off their init
+    net.eval().classes = [f"c{i}" for i in range(k)]
+    return net
+
+
+def test_generated_folder_stores_the_backbone_once_and_reloads_it_with_batchnorm_statistics(tmp_path):
+    from tina.errors import TinaError
+    from tina.export import load_generated, save_generated
+
+    net = _trained_resnet20()
+    out = save_generated(net, tmp_path / "m")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["target"] == "resnet20+linear" and cfg["frozen"] == {"in": "model.pt2"}
+    from safetensors.torch import load_file
+
+    assert set(load_file(out / "model.safetensors")) == {"head.weight", "head.bias"}  # the backbone lives in model.pt2 only
+    back = load_generated(out)
+    x = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), net(x), rtol=0, atol=0)
+        torch.testing.assert_close(torch.export.load(out / "model.pt2").module()(x), net(x))
+    for a, b in zip(back.state_dict().values(), net.state_dict().values()):
+        assert torch.equal(a, b)  # running_mean / running_var / num_batches_tracked included
+
+    shared = tmp_path / "backbone.safetensors"
+    for name in ("a", "b"):  # two heads, one backbone file
+        save_generated(net, tmp_path / name, backbone=shared)
+        assert sorted(p.name for p in (tmp_path / name).iterdir()) == ["config.json", "model.safetensors"]
+    with torch.no_grad():
+        torch.testing.assert_close(load_generated(tmp_path / "b")(x), net(x), rtol=0, atol=0)
+    other = _trained_resnet20()
+    other.body.stem[0].weight.data += 1
+    with pytest.raises(TinaError, match="not this model's backbone"):
+        save_generated(other, tmp_path / "c", backbone=shared)  # never overwritten
+    shared.write_bytes(shared.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(TinaError, match="sha256"):
+        load_generated(tmp_path / "a")
+
+
 def tina(*args, cwd=None):
     r = subprocess.run([sys.executable, "-m", "tina.cli", *map(str, args)], capture_output=True, text=True, timeout=1800, cwd=cwd)
     assert r.returncode == 0, r.stderr[-3000:]
