@@ -198,6 +198,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--repeats", type=int, default=3, help="rounds over all rows; each row reports its median")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--matmul-size", type=int, default=2048, help="side of the reference float32 matmul")
     ap.add_argument("--target", default="cnn-5k", help="any registered target (cnn-5k, cnn-33k, resnet20+linear, ...)")
     ap.add_argument("--rows", default="generic,fast,loop",
                     help="CPU rows: generic (zoo_builder/stack.py), fast (cnn-5k's C kernels + manual backward), loop, "
@@ -217,7 +218,7 @@ def main(argv=None) -> dict:
     per_model = args.steps * args.batch * training_flops(args.target, args.k)
     group = args.group_size or (args.models if gpu else 24)
     per_call = RuntimeConfig(images_per_call=args.images_per_call).models_per_call(dev, args.batch)
-    mm = matmul_gflops(device=dev)
+    mm = matmul_gflops(args.matmul_size, device=dev)
     T = args.threads
     B, S = args.batch, args.steps
     # Each row: (its tasks, fn(tasks, steps) -> seconds).
@@ -238,7 +239,7 @@ def main(argv=None) -> dict:
             f"fast path cnn-5k ({T} workers x 1 thread)": (tasks, lambda ts, n: run_batched(data, init, ts, n, B, group, T, 1, per_call)),
             f"loop {tgt}, nn.Module (NCHW)": (loop_tasks, lambda ts, n: run_loop(data, init, ts, n, B, T, False, target=tgt)),
         }  # fmt: skip
-        keep = {"generic" in want, "fast" in want and tgt == "cnn-5k", "loop" in want}
+        keep = ["generic" in want, "fast" in want and tgt == "cnn-5k", "loop" in want]
         runs = {name: r for (name, r), k in zip(runs.items(), keep) if k}
         extra = {
             f"batched ({T} workers x 1 thread)": (tasks, lambda ts, n: run_batched(data, init, ts, n, B, group, T, 1, per_call)),
@@ -285,14 +286,14 @@ def main(argv=None) -> dict:
     where = torch.cuda.get_device_name(dev) if gpu else f"cpu ({os.cpu_count()} cores)"
     result = {
         "machine": {"device": where, "cpu_count": os.cpu_count(), "threads": T, "torch": torch.__version__,
-                    "platform": platform.platform(), "matmul_2048_gflops": round(mm, 1),
+                    "platform": platform.platform(), "matmul_gflops": round(mm, 1), "matmul_size": args.matmul_size,
                     "load_avg_1min": round(os.getloadavg()[0], 2)},
         "work": {"target": args.target, "models": args.models, "loop_models": len(loop_tasks), "steps": S, "batch": B, "k": args.k, "repeats": args.repeats,
                  "gflop_per_model": round(per_model / 1e9, 3)},
         "rows": rows,
     }  # fmt: skip
     print(f"{args.target} fine-tuning on {where}: {args.models} models (loop: {len(loop_tasks)}) x {S} steps x batch {B} "
-          f"(k={args.k}), {per_model / 1e9:.2f} GFLOP per model; 2048^2 fp32 matmul: {mm:.0f} GFLOP/s; "
+          f"(k={args.k}), {per_model / 1e9:.2f} GFLOP per model; {args.matmul_size}^2 fp32 matmul: {mm:.0f} GFLOP/s; "
           f"load avg {os.getloadavg()[0]:.1f}; medians of {args.repeats} interleaved rounds")  # fmt: skip
     print(f"{'trainer':44s} {'models':>6s} {'seconds':>8s} {'models/min':>11s} {'(range)':>15s} {'GFLOP/s':>8s} {'vs loop':>8s} "
           f"{'cpu s':>7s} {'GFLOP/cpu-s':>12s}")
