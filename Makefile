@@ -19,8 +19,10 @@ apt:
 		echo "      (or point Tina at your own copies with dataset.root=PATH / TINA_FASHION_MNIST / TINA_CLIPART)"; \
 	fi
 
+# Everything the README uses (training, evaluation, CLIP encoders, the demo); `pip install .` alone is the
+# lean runtime (tina generate / predict / info and the Python API).
 setup: apt
-	$(PIP) install -e ".[demo]"
+	$(PIP) install -e ".[all]"
 
 setup-dev:
 	$(MAKE) apt EXTRA_APT="$(TEST_APT_PACKAGES)"
@@ -39,7 +41,7 @@ zoo:
 train:
 	tina train configs/train/fashion_mnist.yaml
 checkpoint: zoo train
-	$(PYTHON) -m tina.projector runs/fashion_mnist/bundle
+	$(PYTHON) -m tina.training.projector runs/fashion_mnist/bundle
 	$(PYTHON) -m tina.bundle runs/fashion_mnist/bundle tina/checkpoints/fashion-mnist --half
 	nice -n 15 $(PYTHON) -m evaluation.calibrate fashion-mnist --zoo-config configs/zoo/fashion_mnist.yaml
 eval:

@@ -39,7 +39,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "zoo" / "clipart.yaml"
 
@@ -80,7 +79,7 @@ def run(dv, gen_over: dict, ft_over: dict, ntasks: int, cache: dict, seed: int =
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tina.datasets import load_dataset
+    from tina.training.datasets import load_dataset
 
     logging.basicConfig(level=logging.WARNING)
     specs = [json.loads(a) for a in (argv if argv is not None else sys.argv[1:])] or [{}]

@@ -36,14 +36,14 @@ GOALS = {"warm_s": 1.0, "cold_s": 5.0}
 
 def _checkpoint(checkpoint: str | None, tmp: Path, notes: list[str]) -> str:
     from tina.errors import TinaError
-    from tina.sample import resolve_checkpoint
+    from tina.registry import resolve_checkpoint
 
     try:
         return str(resolve_checkpoint(checkpoint or "default"))
     except TinaError:
         if checkpoint:
             raise
-    from tina.testing import random_bundle
+    from tina.training.testing import random_bundle
 
     from tina.diffusion import DiffusionConfig
 
@@ -57,7 +57,7 @@ def _checkpoint(checkpoint: str | None, tmp: Path, notes: list[str]) -> str:
 
 def _zoo_task(zoo: str | None, bundle) -> tuple[str | None, dict | None]:
     """The zoo (argument or the checkpoint's training record) and its first held-out task."""
-    from tina.data import load_split
+    from tina.training.data import load_split
 
     zoo = zoo or bundle.meta.get("training", {}).get("zoo")
     if not zoo or not (Path(zoo) / "manifest.json").is_file():
@@ -110,9 +110,9 @@ def finetune_same_accuracy(tina, zoo: str, task: dict, images_per_class: int = 3
     """Generated accuracy of the task (seed 0, names) vs fine-tuning time from classifier selection to reach it."""
     from safetensors.torch import load_file
 
-    from tina.accuracy import accuracy, task_test_set
-    from tina.data import read_manifest
-    from tina.datasets import load_dataset
+    from tina.training.accuracy import accuracy, task_test_set
+    from tina.training.data import read_manifest
+    from tina.training.datasets import load_dataset
     from evaluation.baselines import selection_flat
     from evaluation.finetune import finetune_curve
 

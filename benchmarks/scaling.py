@@ -61,8 +61,8 @@ class ScalingConfig:
 
 def subset_zoo(zoo: Path, n: int, out: Path) -> Path:
     """A zoo holding only the first n training models (new train shards; everything else linked)."""
-    from tina.data import read_manifest
-    from tina.shardio import file_sha256
+    from tina.training.data import read_manifest
+    from tina.training.shardio import file_sha256
 
     man = read_manifest(zoo)
     keep = man["splits"]["train"][:n]
@@ -110,7 +110,7 @@ def _current(man: dict) -> bool:
 
 
 def _tiny_zoo(out: Path) -> Path:
-    from tina.data import read_manifest
+    from tina.training.data import read_manifest
 
     zoo = out / "tiny_zoo"
     if (zoo / "manifest.json").is_file() and not _current(read_manifest(zoo)):
@@ -126,12 +126,12 @@ def _tiny_zoo(out: Path) -> Path:
 def train_one(cfg: ScalingConfig, zoo: Path, size: str, name: str) -> tuple[Path, float]:
     """Train (or reuse) one generator; returns its bundle and its training seconds (Lightning fit time)."""
     from tina.config import load_config
-    from tina.train import TrainConfig, train
+    from tina.training.train import TrainConfig, train
 
     run = Path(cfg.out) / "runs" / name
     bundle = run / "bundle"
     if (bundle / "bundle.json").is_file():  # reuse a finished run of the same settings on the same vectors
-        from tina.data import read_manifest
+        from tina.training.data import read_manifest
 
         meta = json.loads((bundle / "bundle.json").read_text())
         t = meta.get("training", {})
@@ -169,7 +169,7 @@ def score(cfg: ScalingConfig, bundle: Path, zoo: Path, name: str) -> dict:
 def run(cfg: ScalingConfig) -> dict:
     import torch
 
-    from tina.data import read_manifest
+    from tina.training.data import read_manifest
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -6,7 +6,7 @@ The default training config (configs/train/fashion_mnist.yaml) gives the generat
 size measured first; without --quick the other sizes follow.
 
 Batches are synthetic but shaped exactly like training batches of the real layout (cnn-5k tokens, tasks
-of 2..k classes padded to k, the loss and optimiser of tina/lit_module.py), so data loading is left out;
+of 2..k classes padded to k, the loss and optimiser of tina/training/lit_module.py), so data loading is left out;
 with --zoo the data pipeline (shards → examples → padded batches) is timed on its own. On a GPU the step
 runs in bf16 autocast like `tina train`, and tokens/s and model FLOPs utilisation (MFU) are reported:
 FLOPs of one step are counted by torch.utils.flop_counter (matmuls and attention, forward + backward)
@@ -43,7 +43,7 @@ def device_peak_tflops(device: torch.device) -> float | None:
 
 
 def synthetic_batch(layout, batch_size: int, k: int, cond_dim: int, gen: torch.Generator) -> dict:
-    """A training batch like tina.data.collate's: tasks of 2..k classes padded to k."""
+    """A training batch like tina.training.data.collate's: tasks of 2..k classes padded to k."""
     T, C = layout.num_tokens(k), layout.token_size
     ks = torch.randint(2, k + 1, (batch_size,), generator=gen)
     elem_mask = torch.zeros(batch_size, T, C, dtype=torch.bool)
@@ -65,7 +65,7 @@ def measure(size: str, batch_size: int = 64, k: int = 10, steps: int = 10, warmu
     from tina.diffusion import DiffusionConfig, make_scheduler, scheduler_config, training_loss
     from tina.layout import layout_for
     from tina.model import build_dit
-    from tina.testing import FASHION_IMAGE
+    from tina.training.testing import FASHION_IMAGE
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     layout = layout_for(target, image or FASHION_IMAGE, token_size)
@@ -119,7 +119,7 @@ def data_pipeline(zoo: str, batch_size: int = 64, batches: int = 20) -> dict:
     """Samples/s of the training data stream alone (shards → augmented examples → padded batches)."""
     from functools import partial
 
-    from tina.data import AugmentConfig, ZooStream, collate, fit_layout_stats, layout_from_manifest, read_manifest, shard_urls
+    from tina.training.data import AugmentConfig, ZooStream, collate, fit_layout_stats, layout_from_manifest, read_manifest, shard_urls
 
     man = read_manifest(zoo)
     layout = layout_from_manifest(man)
@@ -142,7 +142,7 @@ def run(quick: bool = False, sizes: list[str] | None = None, batch_size: int | N
         device: str | None = None, peak_tflops: float | None = None, train_config: str | Path = TRAIN_CONFIG) -> dict:
     """The default training config's generator (size, token size, batch) first, then the other sizes."""
     from tina.config import load_config
-    from tina.train import TrainConfig
+    from tina.training.train import TrainConfig
 
     tc = load_config(TrainConfig, train_config)
     token_size = tc.token_size or 128  # 0 = the zoo's; zoo configs use 128

@@ -5,7 +5,7 @@
 For every zoo split (seen combinations "train", "val", "unseen_combo", "unseen_class") and every task (up to
 `tasks` per split), models are generated from several prompt forms and several seeds, all of a seed
 in a few batched `Tina.generate_tasks` calls, and measured on the task's real test images
-(`tina.accuracy.task_test_set`). Prompt forms: evaluation/prompts.py; baselines: evaluation/baselines.py;
+(`tina.training.accuracy.task_test_set`). Prompt forms: evaluation/prompts.py; baselines: evaluation/baselines.py;
 the fine-tuning budget: evaluation/finetune.py.
 
 One job per file:

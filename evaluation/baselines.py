@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tina.anchor import select_classes
 from tina.errors import TinaError
 
 
@@ -23,10 +24,7 @@ def selection_flat(layout, generic: dict[str, torch.Tensor], class_ids: list[int
     """Classifier selection: the generic model's body and the head rows of the task's classes, in task order.
     `proxy` (zoo_builder.build.nearest_known): a strictly held-out class borrows its nearest known class's
     row, as the zoo's fine-tuning started from it (its untrained own row would be noise)."""
-    ids = torch.as_tensor([(proxy or {}).get(int(c), int(c)) for c in class_ids], dtype=torch.long)
-    state = dict(generic)
-    state["head.weight"], state["head.bias"] = generic["head.weight"][ids], generic["head.bias"][ids]
-    return layout.flatten(state)
+    return layout.flatten(select_classes(generic, class_ids, proxy))
 
 
 class TextRetrieval:
@@ -45,7 +43,7 @@ class TextRetrieval:
         self.models = 0
 
     def add(self, models: list[dict]) -> None:
-        """One chunk of zoo models (dicts of tina.data.iter_split)."""
+        """One chunk of zoo models (dicts of tina.training.data.iter_split)."""
         if not models or not self.queries:
             return
         for m in models:

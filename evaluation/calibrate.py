@@ -280,7 +280,7 @@ def check(predictor: dict, rows: list[dict]) -> dict:
 def measure_all(cfg: CalibrationConfig) -> dict:
     """Generate and score every calibration model: pair recall, fit rows, check rows."""
     from tina.config import load_config
-    from tina.datasets import load_dataset
+    from tina.training.datasets import load_dataset
     from tina.sample import Tina
     from zoo_builder.config import ZooConfig
     from zoo_builder.tasks import sample_tasks

@@ -80,7 +80,7 @@ class DiversityConfig:
 class ExpectConfig:
     """What the zoo and checkpoint must be (a paper setting); unset fields accept anything."""
 
-    dataset: Optional[str] = None  # a tina.datasets name
+    dataset: Optional[str] = None  # a tina.training.datasets name
     target: Optional[str] = None  # e.g. cnn-5k
     text_encoder: Optional[str] = None  # e.g. open_clip:ViT-B-32/openai
     k: Optional[int] = None  # every evaluated task has exactly k classes

@@ -61,8 +61,8 @@ def finetune_curve(bundle, flat0: torch.Tensor, classes: list[str], class_ids: l
     time of the run that gave each point)}, plus "steps_to_target"/"seconds_to_target" (None when not
     reached) when `target_acc` is given, in which case it stops at the first budget that reaches it.
     """
-    from tina.accuracy import accuracy
-    from tina.sample import build_model
+    from tina.training.accuracy import accuracy
+    from tina.weights import build_model
     from tina.targets import get_target
 
     spec = get_target(bundle.target)
@@ -127,7 +127,7 @@ def finetune_budget(cfg, man, bundle, dataset, splits, results, generic) -> dict
     """Fine-tuning steps from classifier selection to each task's generated accuracy; median over tasks."""
     from tqdm.auto import tqdm
 
-    from tina.accuracy import task_test_set
+    from tina.training.accuracy import task_test_set
 
     split = cfg.finetune.split if cfg.finetune.split in splits else next(iter(splits))
     ft = man.get("config", {}).get("finetune", {})

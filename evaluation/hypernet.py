@@ -2,9 +2,9 @@
 
 A deterministic network maps the same per-class text embeddings the generator sees to the same targets
 the generator learns (the normalised residual tokens from classifier selection, tina/anchor.py, built by
-tina.data's stream with the generator's own augmentations), trained on the same zoo for the same number
+tina.training.data's stream with the generator's own augmentations), trained on the same zoo for the same number
 of steps and batch size, by mean squared error; at generation time one forward pass, and the same
-tokens -> weights function as `tina generate` (tina.sample.tokens_to_flat).
+tokens -> weights function as `tina generate` (tina.weights.tokens_to_flat).
 
 Like the DiT it is permutation-equivariant in the classes (Deep Sets): each class is embedded alone, the
 set's context is the mean over classes, a class's head tokens come from (its embedding, the context) and
@@ -63,10 +63,10 @@ def generator_budget(bundle, cfg: HypernetConfig) -> dict:
 
 
 def augment_config(bundle):
-    """The generator's augmentations (its config.yaml), else tina.data's defaults."""
+    """The generator's augmentations (its config.yaml), else tina.training.data's defaults."""
     import yaml
 
-    from tina.data import AugmentConfig
+    from tina.training.data import AugmentConfig
 
     if bundle.path is not None and (bundle.path / "config.yaml").is_file():
         aug = (yaml.safe_load((bundle.path / "config.yaml").read_text()) or {}).get("augment") or {}
@@ -75,8 +75,8 @@ def augment_config(bundle):
 
 
 def train_hypernet(bundle, zoo, cfg: HypernetConfig, device: str | torch.device = "cpu") -> tuple[HyperNet, dict]:
-    """Train on the zoo's train shards (tina.data.ZooStream, the generator's pipeline); returns the net and a record."""
-    from tina.data import ZooStream, collate, read_manifest, shard_urls
+    """Train on the zoo's train shards (tina.training.data.ZooStream, the generator's pipeline); returns the net and a record."""
+    from tina.training.data import ZooStream, collate, read_manifest, shard_urls
     from tina.schedule import warmup_cosine
 
     budget = generator_budget(bundle, cfg)
@@ -109,8 +109,8 @@ def train_hypernet(bundle, zoo, cfg: HypernetConfig, device: str | torch.device 
 @torch.no_grad()
 def hypernet_flat(net: HyperNet, bundle, cond: torch.Tensor) -> torch.Tensor:
     """One forward pass: per-class conditions (k, E) -> flat weights (P,) in task order."""
-    from tina.sample import tokens_to_flat
+    from tina.weights import tokens_to_flat
 
     device = next(net.parameters()).device
     tokens = net(cond.float()[None].to(device))[0]  # (T, C)
-    return tokens_to_flat(bundle, tokens, cond)
+    return tokens_to_flat(bundle.layout, tokens, cond, bundle.anchor)

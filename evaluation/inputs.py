@@ -13,9 +13,9 @@ def _check_setting(cfg: EvalConfig):
     """A setting with `expect` (a paper setting) lists every missing piece at once; returns the dataset if loaded.
 
     When the zoo exists, its own record (dataset root and options, text encoder) is what gets checked."""
-    from tina.data import read_manifest
-    from tina.datasets import load_dataset
-    from tina.sample import resolve_checkpoint
+    from tina.training.data import read_manifest
+    from tina.training.datasets import load_dataset
+    from tina.registry import resolve_checkpoint
     from tina.text import get_text_encoder
 
     ex, missing, dataset = cfg.expect, [], None
@@ -47,9 +47,10 @@ def _check_setting(cfg: EvalConfig):
 
 def resolve_inputs(cfg: EvalConfig):
     """Zoo manifest, Tina, dataset; every missing piece is a TinaError that says how to get it."""
-    from tina.data import read_manifest
-    from tina.datasets import load_dataset
-    from tina.sample import Tina, resolve_checkpoint
+    from tina.training.data import read_manifest
+    from tina.training.datasets import load_dataset
+    from tina.registry import resolve_checkpoint
+    from tina.sample import Tina
     from tina.text import encoder_satisfies
 
     checked = ("dataset", "target", "text_encoder", "k", "min_tasks")
@@ -107,7 +108,7 @@ def image_prompt_ok(tina, notes: list[str]) -> bool:
     except TinaError:
         pass
     notes.append(f"image prompts skipped: the checkpoint has no image projector and its encoder {b.text_encoder!r} no "
-                 "image tower (add a projector with `python -m tina.projector CHECKPOINT`)")
+                 "image tower (add a projector with `python -m tina.training.projector CHECKPOINT`)")
     return False
 
 
@@ -116,7 +117,7 @@ def image_prompt_ok(tina, notes: list[str]) -> bool:
 def scan_zoo(zoo: str | Path, split: str, consumers: list, chunk: int = 256) -> int:
     """Stream one split of the zoo once through every consumer (each has .add(models)), `chunk` models at a
     time, so no more than a chunk is in memory; returns how many models were streamed."""
-    from tina.data import iter_split
+    from tina.training.data import iter_split
 
     n, buf = 0, []
     for m in iter_split(zoo, split):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,6 +19,7 @@ from evaluation.prompts import Conditions, unit
 from evaluation.report import results_markdown, write_plots
 from evaluation.scoring import accuracies, disagreement, flat_probs
 from evaluation.statistics import split_summary
+from tina.atomic import atomic_write_text
 from tina.errors import TinaError
 from tina.validate import writable_folder
 from zoo_builder.tasks import nearest_known
@@ -32,9 +32,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     from safetensors.torch import load_file
     from tqdm.auto import tqdm
 
-    from tina.accuracy import task_test_set
+    from tina.training.accuracy import task_test_set
     from tina.config import save_config, to_dict
-    from tina.data import load_split, read_manifest
+    from tina.training.data import load_split, read_manifest
     from tina.sample import Task
 
     t_start = time.perf_counter()
@@ -258,11 +258,11 @@ def evaluate(cfg: EvalConfig) -> dict:
     results["timing"] = {"seconds": round(time.perf_counter() - t_start, 1), "generation_seconds": round(gen_seconds, 1),
                          "generated_models": len(flats), "models_per_second": round(len(flats) / max(gen_seconds, 1e-9), 1),
                          "scored_models": n_models, "threads": torch.get_num_threads()}
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    (out / "results.md").write_text(results_markdown(results))
+    atomic_write_text(out / "results.json", json.dumps(results, indent=1))
+    atomic_write_text(out / "results.md", results_markdown(results))
     if cfg.plots:
         results["plots"] = write_plots(results, out)
-        (out / "results.json").write_text(json.dumps(results, indent=1))
+        atomic_write_text(out / "results.json", json.dumps(results, indent=1))
     log.info("evaluation written to %s in %.0f s", out, results["timing"]["seconds"])
     return results
 

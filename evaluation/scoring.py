@@ -15,7 +15,7 @@ def flat_probs(bundle, flats: torch.Tensor, k: int, x: torch.Tensor, eval_batch:
     (about 2x faster convolutions on CPU than NCHW; vmapped grouped convolutions were no faster).
     Models with non-finite weights predict the uniform distribution.
     """
-    from tina.sample import load_flat
+    from tina.weights import load_flat
     from tina.targets import get_target
 
     M = flats.shape[0]

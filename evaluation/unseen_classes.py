@@ -2,7 +2,7 @@
 
 A zoo built with `tasks.held_out_classes=N` keeps N classes away from the generic model, from every
 train/val/unseen_combo task, from the generator's vocabulary and anchor, and from its image projector
-(zoo_builder/tasks.py, generic.py; tina/data.py load_anchor; tina/projector.py). Its `unseen_class`
+(zoo_builder/tasks.py, generic.py; tina/training/data.py load_anchor; tina/projector.py). Its `unseen_class`
 split holds tasks with at least one such class; each was fine-tuned with the held-out class's real
 images (the oracle) starting from "nearest known class" selection (the held-out class borrows the
 generic row of the known class whose name embedding is closest: the baseline).
@@ -25,9 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tina.accuracy import task_test_set
-from tina.imprint import imprint
+from tina.atomic import atomic_write_text
 from tina.errors import TinaError
+from tina.imprint import imprint
+from tina.training.accuracy import task_test_set
 from tina.validate import ArgumentParser
 
 log = logging.getLogger(__name__)
@@ -51,10 +52,11 @@ def evaluate_unseen(zoo: str | Path, checkpoint: str, tasks: int = 0, shots: tup
     """Per-task and mean accuracies of every method on the zoo's unseen_class split (see module doc)."""
     from safetensors.torch import load_file
 
-    from tina.data import load_split, read_manifest
-    from tina.datasets import load_dataset
+    from tina.training.data import load_split, read_manifest
+    from tina.training.datasets import load_dataset
     from tina.layout import ParamLayout
-    from tina.sample import Tina, assemble
+    from tina.sample import Tina
+    from tina.weights import assemble
     from zoo_builder.tasks import nearest_known
     from evaluation.baselines import selection_flat
 
@@ -124,8 +126,8 @@ def choose_win_rate(zoo: str | Path, checkpoint: str, tasks: int = 0, shots: int
     """The val protocol behind tina/imprint.py's WIN_RATE: on the zoo's val tasks (known classes only),
     one class per task plays the unseen class; its generated row is replaced by an imprinted one from
     `shots` training images, for each candidate win rate. Accuracy overall and on that class's images."""
-    from tina.data import load_split, read_manifest
-    from tina.datasets import load_dataset
+    from tina.training.data import load_split, read_manifest
+    from tina.training.datasets import load_dataset
     from tina.sample import Tina
 
     models = load_split(zoo, "val", limit=tasks or None)
@@ -199,8 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(r, indent=1))
-        out.with_suffix(".md").write_text(table + "\n")
+        atomic_write_text(out, json.dumps(r, indent=1))
+        atomic_write_text(out.with_suffix(".md"), table + "\n")
     return 0
 
 

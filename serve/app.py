@@ -84,11 +84,11 @@ class Sample:
 
 
 def _load_dataset(name):
-    """The checkpoint's dataset (a name or the zoo's record of it) via tina.datasets (imported late: only the sample gallery needs it)."""
+    """The checkpoint's dataset (a name or the zoo's record of it) via tina.training.datasets (imported late: only the sample gallery needs it)."""
     try:
-        from tina.datasets import load_dataset
+        from tina.training.datasets import load_dataset
     except ImportError as e:
-        raise TinaError(f"sample images need tina.datasets, which is not available here ({e})") from None
+        raise TinaError(f"sample images need tina.training.datasets, which is not available here ({e})") from None
     return load_dataset(name)
 
 

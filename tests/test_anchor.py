@@ -10,10 +10,10 @@ from safetensors.torch import load_file, save_file
 from tina import Tina
 from tina.anchor import SelectionAnchor
 from tina.bundle import load_bundle, save_bundle
-from tina.data import AugmentConfig, fit_layout_stats, layout_from_manifest, load_anchor, load_split, make_example, read_manifest
+from tina.training.data import AugmentConfig, fit_layout_stats, layout_from_manifest, load_anchor, load_split, make_example, read_manifest
 from tina.errors import TinaError
 from tina.layout import layout_for
-from tina.testing import FASHION_IMAGE
+from tina.training.testing import FASHION_IMAGE
 
 
 def _anchor(V=10, seed=0):
@@ -106,3 +106,18 @@ def test_bundle_with_a_broken_anchor_is_refused(random_generator, tmp_path):
     save_file(t, bad / "weights.safetensors")
     with pytest.raises(TinaError, match="anchor keys have shape"):
         load_bundle(bad)
+
+
+def test_hard_selection_has_one_definition():
+    """tina.anchor.select_classes (a state dict: the zoo's start, the evaluation baseline) and
+    SelectionAnchor.origin (its flat form, the generator's origin) are the same selection."""
+    from tina.anchor import select_classes
+    from tina.targets import get_target
+
+    layout = layout_for("cnn-5k", FASHION_IMAGE, 128)
+    generic = get_target("cnn-5k").build(10, FASHION_IMAGE).state_dict()
+    anchor = SelectionAnchor.from_generic(layout, generic, torch.randn(10, 2, 16))
+    ids = [3, 0, 7]
+    assert torch.equal(layout.flatten(select_classes(generic, ids)), anchor.origin(ids))
+    held_out = select_classes(generic, [10, 2], proxy={10: 4})  # class 10 borrows class 4's row
+    assert torch.equal(held_out["head.bias"], generic["head.bias"][[4, 2]])

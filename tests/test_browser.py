@@ -41,7 +41,7 @@ def server(tmp_path_factory):
     from test_serve import fashion_test_set
 
     from serve.app import Demo, build_app, launch
-    from tina.testing import random_bundle
+    from tina.training.testing import random_bundle
 
     fashion = fashion_test_set()
     demo = Demo.from_checkpoint(random_bundle(tmp_path_factory.mktemp("browser") / "gen"),

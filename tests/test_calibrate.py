@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from evaluation.calibrate import check, fit_predictor, form_texts, main, related_term
-from tina.errors import TinaError
 from tina.expected import BIN_FEATURE, FEATURES
 
 TINY_ZOO = str(Path(__file__).parent.parent / "configs" / "zoo" / "tiny.yaml")
@@ -41,13 +40,7 @@ def test_prompt_forms_keep_the_true_classes_known():
     assert len(texts) == 3 and sum(t in ("coat", "bag", "shirt") for t in texts) == 2
 
 
-def test_calibrate_writes_a_quality_file_the_generator_uses(random_generator, tmp_path):
-    try:
-        from tina.datasets import load_dataset
-
-        load_dataset("fashion-mnist")
-    except TinaError as e:
-        pytest.skip(str(e))
+def test_calibrate_writes_a_quality_file_the_generator_uses(random_generator, tmp_path, fashion_mnist):
     from tina import Tina
 
     gen = tmp_path / "gen"

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,14 +30,37 @@ def test_subcommand_help(sub, capsys):
     assert "usage: tina " + sub in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv,prog", [(["zoo", "build", "--help"], "zoo_builder"), (["train", "--help"], "tina train")])
-def test_delegated_help(argv, prog, capsys):
+@pytest.mark.parametrize("argv,keys", [(["zoo", "build", "--help"], ["tasks.k_max", "dataset.root", "finetune.steps"]),
+                                       (["train", "--help"], ["trainer.max_steps", "diffusion.sampler", "optim.lr", "val.tasks"])])
+def test_delegated_help_lists_the_config_keys(argv, keys, capsys):
+    """`tina zoo build --help` / `tina train --help` list every key of their dataclass config, with its default."""
     try:
         code = main(argv)
     except SystemExit as e:
         code = e.code
     assert code == 0
-    assert "usage:" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "usage:" in out and "config keys" in out
+    for key in keys:
+        assert f"  {key}: " in out, key
+
+
+def test_version(capsys):
+    from tina import __version__
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"tina {__version__}"
+
+
+def test_training_commands_without_the_train_extra_say_which_extra(tmp_path):
+    """Without lightning (the [train] extra), `tina train` is one line naming the extra and exit 2."""
+    code = ("import sys; sys.modules['lightning'] = None; from tina.cli import main; "
+            "sys.exit(main(['train', 'configs/train/fashion_mnist.yaml']))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(Path(__file__).parents[1]))
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == ["error: tina.training (training, zoo building and evaluation) needs the [train] "
+                                             "extra (lightning not installed): pip install 'tina[train]'"]
 
 
 def write_png(path, value=200):

@@ -1,4 +1,4 @@
-"""Tests for tina.datasets: loaders, the safe renderer, the clip-art curation and its cache.
+"""Tests for tina.training.datasets: loaders, the safe renderer, the clip-art curation and its cache.
 
 Real data (Debian's dataset-fashion-mnist and openclipart-png) is used where installed and the
 test is skipped otherwise; the cache and split machinery is also tested on small generated trees.
@@ -20,13 +20,16 @@ import torch
 from PIL import Image, ImageDraw
 
 from tina import images
-from tina import datasets as D
-from tina.datasets import ClassRule, ClipartCuration, ImageDataset, build_clipart, load_dataset
 from tina.errors import TinaError
 from tina.images import render
 from tina.targets import ImageSpec
+from tina.training import datasets as D
+from tina.training.datasets import ClassRule, ClipartCuration, ImageDataset, build_clipart, load_dataset
+from tina.training.datasets import clipart as clipart_module
+from tina.training.datasets import download, fashion_mnist
+from tina.training.datasets import render as render_module
 
-HAVE_FMNIST = D._find_idx_files(os.environ.get("TINA_FASHION_MNIST") or D.FASHION_MNIST_ROOT) is not None
+HAVE_FMNIST = fashion_mnist._find_idx_files(os.environ.get("TINA_FASHION_MNIST") or D.FASHION_MNIST_ROOT) is not None
 HAVE_CLIPART = os.path.isdir(os.environ.get("TINA_CLIPART") or D.CLIPART_ROOT)
 
 
@@ -147,8 +150,8 @@ def test_fashion_mnist_missing_root_says_how_to_fix(tmp_path):
 def test_fashion_mnist_fallback_download_never_hangs(tmp_path, monkeypatch):
     monkeypatch.delenv("TINA_FASHION_MNIST", raising=False)
     monkeypatch.setenv("TINA_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(D, "FASHION_MNIST_ROOT", str(tmp_path / "not-installed"))
-    monkeypatch.setattr(D, "_reachable", lambda host, port, timeout=3.0: False)  # offline
+    monkeypatch.setattr(fashion_mnist, "FASHION_MNIST_ROOT", str(tmp_path / "not-installed"))
+    monkeypatch.setattr(fashion_mnist, "_reachable", lambda host, port, timeout=3.0: False)  # offline
     with pytest.raises(TinaError, match="apt-get install dataset-fashion-mnist"):
         load_dataset("fashion-mnist")
 
@@ -160,15 +163,15 @@ def test_fashion_mnist_fallback_download_never_hangs(tmp_path, monkeypatch):
         def __init__(self, *args, **kwargs):
             raise OSError("connection reset")
 
-    monkeypatch.setattr(D, "_reachable", lambda host, port, timeout=3.0: True)  # online, but it fails
+    monkeypatch.setattr(fashion_mnist, "_reachable", lambda host, port, timeout=3.0: True)  # online, but it fails
     monkeypatch.setattr(torchvision.datasets, "FashionMNIST", BrokenFashionMNIST)
     with pytest.raises(TinaError, match="dataset.root=PATH"):
         load_dataset("fashion-mnist")
 
 
 def test_reachable_is_bounded():
-    assert D._reachable("localhost", 9, timeout=1.0) is False  # discard port: nothing listens
-    assert D._reachable(None, 80) is False
+    assert download._reachable("localhost", 9, timeout=1.0) is False  # discard port: nothing listens
+    assert download._reachable(None, 80) is False
 
 
 def test_corrupt_idx_is_a_tina_error(tmp_path):
@@ -255,9 +258,9 @@ def test_render_in_bands_matches_one_pass(tmp_path, monkeypatch):
 
 def test_render_refuses_images_over_the_pixel_budget(tmp_path):
     Image.new("L", (300, 300), 0).save(tmp_path / "big.png")
-    img, err = D._render_job((str(tmp_path / "big.png"), D.render_frame(32, crop=True), 50_000))
+    img, err = render_module._render_job((str(tmp_path / "big.png"), D.render_frame(32, crop=True), 50_000))
     assert img is None and "budget" in err
-    assert D.Image.MAX_IMAGE_PIXELS != 50_000  # the limit is restored after the job
+    assert render_module.Image.MAX_IMAGE_PIXELS != 50_000  # the limit is restored after the job
 
 
 def test_group_key_joins_twins():
@@ -281,7 +284,7 @@ def test_split_gives_every_class_train_and_test():
 
 
 def test_clipart_build_skips_bad_files_and_caches(clipart_tree, tmp_path, caplog, monkeypatch):
-    caplog.set_level(logging.INFO, logger="tina.datasets")
+    caplog.set_level(logging.INFO, logger="tina.training.datasets")
     ds = build_clipart(str(clipart_tree), cache_dir=tmp_path, curation=TINY_CURATION, workers=2)
     assert ds.classes == ["fruit", "puzzle piece"]  # "tiny" has 2 < 5 images and is dropped
     assert ds.train_x.shape[1:] == (32, 32, 3) and ds.image.channels == 3 and ds.image.size == 32
@@ -303,7 +306,7 @@ def test_clipart_build_skips_bad_files_and_caches(clipart_tree, tmp_path, caplog
     def no_render(*args, **kwargs):
         raise AssertionError("the cache should have been used")
 
-    monkeypatch.setattr(D, "_render_many", no_render)
+    monkeypatch.setattr(clipart_module, "_render_many", no_render)
     caplog.clear()
     again = build_clipart(str(clipart_tree), cache_dir=tmp_path, curation=TINY_CURATION)
     assert "from cache" in caplog.text
@@ -364,12 +367,12 @@ def test_clipart_has_many_classes_each_with_train_and_test(clipart):
 
 
 def test_clipart_second_load_reads_the_cache(clipart, monkeypatch, caplog):
-    caplog.set_level(logging.INFO, logger="tina.datasets")
+    caplog.set_level(logging.INFO, logger="tina.training.datasets")
 
     def no_render(*args, **kwargs):
         raise AssertionError("the cache should have been used")
 
-    monkeypatch.setattr(D, "_render_many", no_render)
+    monkeypatch.setattr(clipart_module, "_render_many", no_render)
     again = load_dataset("clipart")
     assert "loaded clipart from cache" in caplog.text
     assert again.classes == clipart.classes and again.image == clipart.image

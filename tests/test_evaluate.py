@@ -22,7 +22,7 @@ from evaluation.scoring import flat_accuracies
 from evaluation.statistics import paired_bootstrap
 from tina.layout import layout_for
 from tina.targets import get_target
-from tina.testing import FASHION_IMAGE
+from tina.training.testing import FASHION_IMAGE
 
 CONFIGS = Path(__file__).parent.parent / "configs" / "eval"
 
@@ -134,7 +134,7 @@ def test_finetune_schedule_is_the_zoo_builders():
 def test_batched_scoring_matches_one_model_at_a_time(layout):
     from types import SimpleNamespace
 
-    from tina.accuracy import accuracy
+    from tina.training.accuracy import accuracy
 
     k = 3
     nets = [get_target("cnn-5k").build(k, FASHION_IMAGE) for _ in range(4)]
@@ -320,10 +320,9 @@ def test_markdown_and_plots_exist(eval_run):
 
 def test_image_prompts_with_a_projector(tiny_zoo, tiny_run, tmp_path):
     """An (untrained) projector inside a copy of the generator: image_1shot is generated and scored."""
-    projector = pytest.importorskip("tina.projector")
-    if not hasattr(projector, "ProjectorConfig") or not hasattr(projector, "ImageProjector"):
-        pytest.skip("tina.projector has no ProjectorConfig/ImageProjector")
     from dataclasses import asdict
+
+    from tina import projector
 
     from tina.bundle import load_bundle, save_bundle
     from evaluation import evaluate
@@ -351,7 +350,7 @@ def test_image_prompts_with_a_projector(tiny_zoo, tiny_run, tmp_path):
 
 def test_scaling_subset_zoo_keeps_the_first_models(tiny_zoo, tmp_path):
     from benchmarks.scaling import subset_zoo
-    from tina.data import load_split, read_manifest
+    from tina.training.data import load_split, read_manifest
 
     sub = subset_zoo(Path(tiny_zoo), 5, tmp_path / "sub")
     assert read_manifest(sub)["counts"]["train"] == 5

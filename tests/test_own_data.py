@@ -82,7 +82,7 @@ def own_run(tmp_path_factory):
 
 
 def test_imagefolder_chain_names_classes_and_predicts(own_run, capsys):
-    from tina.datasets import load_dataset
+    from tina.training.datasets import load_dataset
     from tina.export import load_generated
 
     import json
@@ -109,8 +109,8 @@ def _predicted(out: str) -> list[str]:
 def test_every_path_sees_the_same_pixels(own_run, capsys):
     """Training render, evaluation, tina predict, the demo and model.pt2 agree exactly on the same images."""
     from serve.app import Demo
-    from tina.accuracy import task_test_set
-    from tina.datasets import load_dataset
+    from tina.training.accuracy import task_test_set
+    from tina.training.datasets import load_dataset
     from tina.export import load_generated
     from tina.images import load_image
     from tina.sample import Tina
@@ -165,7 +165,7 @@ def test_every_path_sees_the_same_pixels(own_run, capsys):
 def test_fashion_mnist_test_pngs_read_back_exactly(tmp_path):
     """Grey, light-on-black data: no test image is inverted or shifted by predict's reader (the old
     mean-brightness rule flipped 548 of the 10,000)."""
-    from tina.datasets import load_dataset
+    from tina.training.datasets import load_dataset
     from tina.images import load_image
     from tina.targets import ImageSpec
 

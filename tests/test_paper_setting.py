@@ -37,7 +37,7 @@ def home(tmp_path_factory):
     """A HOME holding stand-in CIFAR-100 and the tiny checkpoint at the documented places."""
     import open_clip
 
-    from tina.testing import write_random_open_clip, write_stand_in_cifar100
+    from tina.training.testing import write_random_open_clip, write_stand_in_cifar100
 
     home = tmp_path_factory.mktemp("home")
     for name, quick in ((ARCH, True), ("TinaTinyCLIP", False)):
@@ -111,7 +111,7 @@ def test_activation_must_match_the_checkpoint(home, tmp_path):
 
 def test_cifar_reader_runs_no_code(home, tmp_path):
     """The batches are read without torchvision's unpickling: a pickle naming any other global is refused."""
-    from tina.datasets import load_dataset
+    from tina.training.datasets import load_dataset
 
     ds = load_dataset({"name": "cifar100", "verify": False})
     assert ds.classes[:2] == ["apple", "aquarium fish"] and ds.train_x.shape == (360, 32, 32, 3)

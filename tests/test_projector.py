@@ -7,22 +7,13 @@ import torch
 import torch.nn.functional as F
 
 from tina.bundle import load_bundle
-from tina.datasets import ImageDataset
 from tina.errors import TinaError
-from tina.projector import (
-    ImageProjector,
-    ProjectorConfig,
-    attach_projector,
-    augment,
-    embed_class_images,
-    load_projector,
-    main,
-    make_config,
-    train_projector,
-)
+from tina.projector import ImageProjector, ProjectorConfig, embed_class_images, load_projector
 from tina.sample import Tina
 from tina.targets import ImageSpec
-from tina.testing import random_bundle
+from tina.training.datasets import ImageDataset
+from tina.training.projector import attach_projector, augment, main, make_config, train_projector
+from tina.training.testing import random_bundle
 
 # Small enough for ~10 s on two CPU cores, big enough to learn clearly above chance (0.1).
 TINY = dict(train_limit=2000, test_limit=1000, epochs=2, width=8, batch_size=64, lr=5e-3)
@@ -38,13 +29,8 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def fashion():
-    from tina.datasets import load_dataset
-
-    try:
-        return load_dataset("fashion-mnist")
-    except TinaError as e:
-        pytest.skip(f"Fashion-MNIST not installed: {e}")
+def fashion(fashion_mnist):
+    return fashion_mnist
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +141,7 @@ def test_projector_loads_strictly(bundle_with_projector):
         load_projector(b)
     b = load_bundle(path)
     b.text_encoder = "open_clip:ViT-B-32/random"
-    with pytest.raises(TinaError, match="python -m tina.projector"):
+    with pytest.raises(TinaError, match="python -m tina.training.projector"):
         load_projector(b)
 
 
@@ -183,7 +169,7 @@ def test_pixel_range_and_uint8(bundle_with_projector):
 
 def test_no_projector_no_image_tower(tmp_path):
     tina = Tina(load_bundle(random_bundle(tmp_path / "bundle")))
-    with pytest.raises(TinaError, match="CLIP weights.*python -m tina.projector"):
+    with pytest.raises(TinaError, match="CLIP weights.*python -m tina.training.projector"):
         tina.embed_images(torch.rand(2, 1, 28, 28))
     with pytest.raises(TinaError, match="projector"):
         tina.generate(classes=["sandal", "sneaker"], images={"sandal": torch.rand(1, 1, 28, 28)})

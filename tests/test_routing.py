@@ -19,7 +19,7 @@ CLIPART_LIKE = ["bird", "cat", "dog", "flower", "tree", "fruit", "building", "ma
 @pytest.fixture(scope="module")
 def two_checkpoints(tmp_path_factory):
     """A registry folder with a Fashion-MNIST-like and a clip-art-like untrained bundle."""
-    from tina.testing import random_bundle
+    from tina.training.testing import random_bundle
 
     root = tmp_path_factory.mktemp("registry")
     random_bundle(root / "fashion-mnist")

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from tina.errors import TinaError
-from tina.shardio import ShardFile, read_shards
+from tina.training.shardio import ShardFile, read_shards
 
 ROOT = Path(__file__).parent.parent
 
@@ -63,7 +63,7 @@ def fake_zoo(folder: Path, samples: list[tuple[str, dict]]) -> Path:
 
 
 def test_planted_pickle_members_in_a_shard_are_never_unpickled(tmp_path):
-    from tina.data import load_split
+    from tina.training.data import load_split
 
     marker = tmp_path / "marker"
     evil = pickle.dumps(Plant(marker))
@@ -82,8 +82,8 @@ def test_planted_pickle_members_in_a_shard_are_never_unpickled(tmp_path):
 
 
 def test_no_webdataset_decoder_is_used_anywhere():
-    # webdataset's default decoders unpickle .pyd/.pth members: Tina reads shards only through tina.shardio
-    for path in [*ROOT.glob("tina/*.py"), *ROOT.glob("zoo_builder/*.py"), *ROOT.glob("benchmarks/*.py"), *ROOT.glob("serve/*.py")]:
+    # webdataset's default decoders unpickle .pyd/.pth members: Tina reads shards only through tina.training.shardio
+    for path in [*ROOT.glob("tina/**/*.py"), *ROOT.glob("zoo_builder/*.py"), *ROOT.glob("benchmarks/*.py"), *ROOT.glob("serve/*.py")]:
         text = path.read_text()
         assert "import webdataset" not in text and ".decode()" not in text, path
 
@@ -237,7 +237,7 @@ def test_a_flipped_bit_in_a_model_is_caught(tmp_path):
 
 
 def test_a_flipped_byte_in_a_shard_is_caught(tmp_path):
-    from tina.data import load_split
+    from tina.training.data import load_split
 
     zoo = fake_zoo(tmp_path / "zoo", [("task-000000", _members())])
     shard = zoo / "train-000000.tar"
@@ -277,7 +277,7 @@ def test_the_zoo_manifest_records_every_shards_checksum(tiny_zoo):
 def _batches(zoo, start_step, n, workers):
     from functools import partial
 
-    from tina.data import AugmentConfig, ZooStream, collate, layout_from_manifest, read_manifest, shard_urls
+    from tina.training.data import AugmentConfig, ZooStream, collate, layout_from_manifest, read_manifest, shard_urls
 
     man = read_manifest(zoo)
     layout = layout_from_manifest(man)

@@ -36,11 +36,11 @@ FASHION_ROOT = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fas
 def fashion_test_set():
     """The Fashion-MNIST test split (classes, test_x uint8 (N, 28, 28, 1), test_y), or skip.
 
-    Prefers tina.datasets; falls back to reading Debian's IDX files directly, so the demo tests do not
+    Prefers tina.training.datasets; falls back to reading Debian's IDX files directly, so the demo tests do not
     depend on the datasets module being finished.
     """
     try:
-        from tina.datasets import load_dataset
+        from tina.training.datasets import load_dataset
 
         ds = load_dataset("fashion-mnist")
         return SimpleNamespace(classes=list(ds.classes), test_x=ds.test_x, test_y=ds.test_y)
@@ -48,8 +48,8 @@ def fashion_test_set():
         pass
     images, labels = FASHION_ROOT / "t10k-images-idx3-ubyte.gz", FASHION_ROOT / "t10k-labels-idx1-ubyte.gz"
     if not images.is_file() or not labels.is_file():
-        pytest.skip(f"Fashion-MNIST not found (tina.datasets, or {FASHION_ROOT}: apt-get install dataset-fashion-mnist)")
-    from tina.testing import FASHION_CLASSES
+        pytest.skip(f"Fashion-MNIST not found (tina.training.datasets, or {FASHION_ROOT}: apt-get install dataset-fashion-mnist)")
+    from tina.training.testing import FASHION_CLASSES
 
     x = np.frombuffer(gzip.decompress(images.read_bytes()), np.uint8, offset=16).reshape(-1, 28, 28, 1)
     y = np.frombuffer(gzip.decompress(labels.read_bytes()), np.uint8, offset=8).astype(np.int64)
@@ -70,7 +70,7 @@ def fashion():
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory, fashion):
-    from tina.testing import random_bundle
+    from tina.training.testing import random_bundle
 
     path = random_bundle(tmp_path_factory.mktemp("serve") / "gen")
     return Demo.from_checkpoint(path, dataset_loader=lambda name: fashion)
@@ -255,8 +255,8 @@ def test_image_prompt_rows(demo, image_png):
 
 def test_image_prompts_with_a_projector(tmp_path_factory, fashion, image_png):
     """With a (tiny, briefly trained) image projector in the checkpoint, image rows condition the classes."""
-    from tina.projector import attach_projector
-    from tina.testing import random_bundle
+    from tina.training.projector import attach_projector
+    from tina.training.testing import random_bundle
 
     try:
         path = random_bundle(tmp_path_factory.mktemp("projector") / "gen")

@@ -32,7 +32,7 @@ def test_a_target_registered_in_one_file_runs_zoo_train_generate_export_reload(t
     from tina.config import load_config
     from tina.export import load_generated, save_generated
     from tina.sample import Tina
-    from tina.train import TrainConfig, train
+    from tina.training.train import TrainConfig, train
     from zoo_builder.build import main as zoo_main
 
     assert get_target("toy-mlp").name == "toy-mlp"

@@ -8,16 +8,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from tina.data import AugmentConfig, ZooStream, collate, layout_from_manifest, load_split, read_manifest, shard_urls
+from tina.training.data import AugmentConfig, ZooStream, collate, layout_from_manifest, load_split, read_manifest, shard_urls
 from tina.errors import TinaError
 
 ROOT = Path(__file__).parent.parent
 
 
 def test_stream_batches_permute_classes_and_mix_prompts(tiny_zoo):
+    """Each example permutes its classes (head rows and conditions move together) and names each class by
+    its plain name with probability name_prob, else by another prompt variant; batches pad and mask."""
+    import random
+
+    from tina.training.data import make_example
+
     man = read_manifest(tiny_zoo)
     layout = layout_from_manifest(man)
-    stream = ZooStream(shard_urls(tiny_zoo, man, "train"), layout, AugmentConfig(permute_classes=True, name_prob=0.0), seed=0)
+    stream = ZooStream(shard_urls(tiny_zoo, man, "train"), layout, AugmentConfig(permute_classes=True, name_prob=0.5), seed=0)
     examples = [ex for _, ex in zip(range(12), stream)]
     batch = collate(examples, layout)
     K = max(e["k"] for e in examples)
@@ -25,13 +31,29 @@ def test_stream_batches_permute_classes_and_mix_prompts(tiny_zoo):
     assert batch["cond"].shape[:2] == (12, K)
     assert batch["cond_mask"].sum().item() == sum(e["k"] for e in examples)
     assert torch.all(batch["x0"][~batch["elem_mask"]] == 0)
-    # a permuted example still decodes to the same set of head rows as the stored model
+
     model = load_split(tiny_zoo, "train", limit=1)[0]
-    k = len(model["classes"])
-    ex = examples[0]
-    assert ex["cond"].norm(dim=-1).allclose(torch.ones(ex["k"]), atol=1e-3)
-    stored = model["params"][layout.body_size:].reshape(k, layout.head_dim)
-    assert stored.shape[1] == layout.head_dim
+    params, emb = model["params"], model["emb"].float()  # (P,), (k, V, E)
+    k, V = emb.shape[:2]
+    stored_rows = params[layout.body_size:].reshape(k, layout.head_dim)
+    unit = emb / emb.norm(dim=-1, keepdim=True)  # (k, V, E)
+    orders, variants = set(), []
+    for seed in range(12):
+        ex = make_example(params, model["emb"], layout, AugmentConfig(permute_classes=True, name_prob=0.5), random.Random(seed))
+        flat = layout.denormalize(layout.detokenize(ex["x0"], k), k)
+        rows = flat[layout.body_size:].reshape(k, layout.head_dim)
+        perm = [int((stored_rows - r).abs().sum(-1).argmin()) for r in rows]  # which stored class each row is
+        assert sorted(perm) == list(range(k)) and torch.allclose(rows, stored_rows[perm], atol=1e-4)
+        assert torch.allclose(flat[: layout.body_size], params[: layout.body_size], atol=1e-4)  # the body is not permuted
+        for j, c in enumerate(perm):  # the condition of position j is a variant of the class whose row sits at j
+            sims = unit[c] @ ex["cond"][j]  # (V,)
+            assert sims.max() > 0.999
+            variants.append(int(sims.argmax()))
+        orders.add(tuple(perm))
+    assert len(orders) > 1, "classes were never permuted"
+    assert 0 in variants and any(v > 0 for v in variants), "prompts were not mixed (plain names and other variants)"
+    plain = make_example(params, model["emb"], layout, AugmentConfig(permute_classes=False, name_prob=1.0), random.Random(0))
+    assert torch.allclose(plain["cond"], unit[:, 0], atol=1e-3)  # no augmentation: stored order, plain names
 
 
 def test_training_writes_a_loadable_bundle_with_metrics(tiny_run):
@@ -52,7 +74,7 @@ def test_training_writes_a_loadable_bundle_with_metrics(tiny_run):
 
 def test_checkpoint_holds_everything_for_exact_resume(tiny_run, tiny_zoo):
     from tina.config import load_config
-    from tina.train import TrainConfig, train
+    from tina.training.train import TrainConfig, train
 
     from conftest import TINY_TRAIN
 
@@ -74,7 +96,7 @@ def test_init_from_starts_at_the_bundles_weights_and_statistics(tiny_run, tiny_z
     normalisation statistics are the bundle's, not refitted; a mismatched layout is one clear error."""
     from tina.bundle import load_bundle
     from tina.config import load_config
-    from tina.train import TrainConfig, train
+    from tina.training.train import TrainConfig, train
 
     from conftest import TINY_TRAIN
 
@@ -96,7 +118,7 @@ def test_init_from_starts_at_the_bundles_weights_and_statistics(tiny_run, tiny_z
 
 def test_unknown_config_key_is_a_clear_error(tiny_zoo):
     from tina.config import load_config
-    from tina.train import TrainConfig
+    from tina.training.train import TrainConfig
 
     with pytest.raises(TinaError, match="max_stepz"):
         load_config(TrainConfig, None, ["trainer.max_stepz=3"])
@@ -128,12 +150,12 @@ def test_two_process_ddp_on_cpu(tiny_zoo, tmp_path):
 def test_validation_measures_generated_oracle_and_selection_on_the_same_images(tiny_run, tiny_zoo):
     """Gain captured is paired: the zoo model and classifier selection are re-measured on the images
     the generated model is measured on (not taken from the zoo's own evaluation)."""
-    from tina.accuracy import accuracy, task_test_set
+    from tina.training.accuracy import accuracy, task_test_set
     from tina.bundle import load_bundle
-    from tina.datasets import load_dataset
+    from tina.training.datasets import load_dataset
     from tina.diffusion import DiffusionConfig
-    from tina.lit_module import ValConfig, validate_generated
-    from tina.sample import assemble
+    from tina.training.lit_module import ValConfig, validate_generated
+    from tina.weights import assemble
 
     b = load_bundle(tiny_run / "bundle")
     ds = load_dataset("fashion-mnist")
@@ -149,11 +171,37 @@ def test_validation_measures_generated_oracle_and_selection_on_the_same_images(t
     assert m["selection_acc"] == pytest.approx(sum(select) / 3)
 
 
+def test_validation_scores_the_models_generate_returns(tiny_run, tiny_zoo):
+    """Validation and `Tina.generate_tasks` share conditions, noise and the tokens -> weights function
+    (tina/weights.py): for the same class names the generated accuracy is the same number."""
+    from safetensors.torch import load_file
+
+    from tina.bundle import load_bundle
+    from tina.diffusion import DiffusionConfig
+    from tina.sample import Tina
+    from tina.training.accuracy import accuracy, task_test_set
+    from tina.training.datasets import load_dataset
+    from tina.training.lit_module import ValConfig, validate_generated
+
+    b = load_bundle(tiny_run / "bundle")
+    ds = load_dataset("fashion-mnist")
+    models = [m for m in load_split(tiny_zoo, "unseen_combo", limit=6) if len(m["classes"]) == 2][:2]
+    assert len(models) == 2, "the tiny zoo should hold 2-class unseen combinations"
+    names = load_file(tiny_zoo / "vocab.safetensors")["names"].float()  # (V, E), what the bundle's vocab_emb holds
+    cfg = ValConfig(tasks=2, images_per_class=30)
+    m = validate_generated(b.dit, b.layout, b.scheduler_config, models, ds, b.target, cfg, DiffusionConfig(steps=2, sampler="ddim"),
+                           b.base, b.anchor, class_emb=names)
+    tina = Tina(b)
+    nets = tina.generate_tasks([tina.make_task(classes=mm["classes"]) for mm in models], seed=0, steps=2, sampler="ddim", guidance=1.0)
+    got = [accuracy(net, *task_test_set(ds, mm["class_ids"], 30)) for net, mm in zip(nets, models)]
+    assert m["gen_acc"] == pytest.approx(sum(got) / 2, abs=1e-9)
+
+
 # ---- distributed runs: only rank zero validates and writes ---------------------------------------
 
 
 def test_only_rank_zero_writes_the_run_config(tmp_path, monkeypatch):
-    import tina.train as T
+    import tina.training.train as T
     from tina.config import load_config
     from tina.errors import TinaError
 
@@ -173,20 +221,20 @@ def test_only_rank_zero_writes_the_run_config(tmp_path, monkeypatch):
 def test_only_rank_zero_validates(monkeypatch):
     from types import SimpleNamespace
 
-    import tina.lit_module as M
+    import tina.training.lit_module as M
 
     calls = []
     monkeypatch.setattr(M, "validate_generated", lambda *a, **k: calls.append(1) or {})
     for zero in (False, True):
         fake = SimpleNamespace(val_models=[{}], dataset=object(), trainer=SimpleNamespace(sanity_checking=False, is_global_zero=zero),
                                ema=None, layout=None, sched_config=None, target=None, val_cfg=None, diffusion=None,
-                               anchor=None, global_step=0, log=lambda *a, **k: None)
+                               anchor=None, class_emb=None, global_step=0, log=lambda *a, **k: None)
         M.TinaLitModule.on_validation_epoch_end(fake)
     assert calls == [1]
 
 
 def test_bundle_line_printed_once_by_rank_zero(tmp_path, monkeypatch, capsys):
-    import tina.train as T
+    import tina.training.train as T
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text("out: x\n")

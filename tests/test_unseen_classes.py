@@ -15,7 +15,7 @@ def _manifest(zoo):
 def test_generic_model_never_trains_on_held_out_classes(tiny_zoo):
     from safetensors.torch import load_file
 
-    from tina.datasets import load_dataset
+    from tina.training.datasets import load_dataset
     from tina.targets import ImageSpec, get_target
 
     man = _manifest(tiny_zoo)
@@ -56,7 +56,7 @@ def test_held_out_classes_start_from_the_nearest_known_class_row():
 
 def test_anchor_and_bundle_vocabulary_leave_held_out_classes_out(tiny_zoo, tiny_run):
     from tina.bundle import load_bundle
-    from tina.data import layout_from_manifest, load_anchor
+    from tina.training.data import layout_from_manifest, load_anchor
     from tina.errors import TinaError
 
     man = _manifest(tiny_zoo)

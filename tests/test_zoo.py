@@ -254,16 +254,9 @@ def _tiny_cfg(out: Path, *extra: str) -> ZooConfig:
 
 
 @pytest.fixture(scope="module")
-def tiny_zoo(tmp_path_factory):
-    pytest.importorskip("tina.datasets")
-    from tina.datasets import load_dataset
-    from tina.errors import TinaError
+def tiny_zoo(tmp_path_factory, fashion_mnist):
     from zoo_builder.build import build
 
-    try:
-        load_dataset("fashion-mnist")
-    except TinaError as e:
-        pytest.skip(f"Fashion-MNIST not available: {e}")
     out = tmp_path_factory.mktemp("zoo") / "tiny"
     man = build(_tiny_cfg(out))
     assert man is not None

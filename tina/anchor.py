@@ -33,6 +33,15 @@ from tina.layout import ParamLayout
 DEFAULT_TEMPERATURE = 0.02  # cosine gap 0.1 -> weight ratio e^5: a close paraphrase still picks its class
 
 
+def select_classes(generic: dict[str, torch.Tensor], class_ids, proxy: dict[int, int] | None = None) -> dict[str, torch.Tensor]:
+    """Hard classifier selection on a state dict: the generic model with its head cut to the task's
+    classes, in task order. The one copy (the zoo's fine-tuning start, the evaluation baseline and
+    `SelectionAnchor.origin`, its flat form, agree). `proxy` maps a class the generic model never saw
+    (a strictly held-out class) to the known class whose row stands in for it ("nearest known class")."""
+    rows = torch.as_tensor([(proxy or {}).get(int(c), int(c)) for c in class_ids], dtype=torch.long)
+    return {**generic, "head.weight": generic["head.weight"][rows], "head.bias": generic["head.bias"][rows]}
+
+
 def variant_similarity(cond: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """(k, V): each condition's best cosine to any prompt variant of each vocabulary class.
 

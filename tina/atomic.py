@@ -1,4 +1,7 @@
-"""Write a folder all at once: build it under a temporary name beside its destination, then swap it in.
+"""Atomic writes, the one way Tina writes: a file (`atomic_write`) or a whole folder (`atomic_folder`).
+
+Files: a temporary file beside the destination, synced, then renamed into place.
+Folders: build it under a temporary name beside its destination, then swap it in.
 
 A crash, a full disk or Ctrl-C leaves the old folder or the new one, never neither and never a
 half-written one: the new folder is filled under `.NAME.tina-tmp-PID-XXXX`, then exchanged with the
@@ -141,19 +144,52 @@ def atomic_folder(path: str | os.PathLike, kind: FolderKind):
         raise
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write one text file under a temporary name in its folder, then rename it into place (0644)."""
+@contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb"):
+    """Open a temporary file beside `path` for writing; on success it is flushed, synced, made 0644
+    and renamed into place, on any failure removed. The one way Tina writes a single file:
+
+        with atomic_write(path) as f:       # binary; mode="w" for text (UTF-8)
+            f.write(data)
+
+    Readers see the old file or the new one, never a half-written one. A killed writer leaves
+    `.NAME.tina-tmp-PID-XXXX`, which `stale_files` finds."""
     path = Path(path)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TMP_TAG}{os.getpid()}-", dir=path.parent)
     except OSError as e:
         raise TinaError(f"cannot write to {str(path)!r}: {e.strerror}") from None
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
+        with os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; Tina's files are as readable as any other
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write one binary file atomically (atomic_write)."""
+    with atomic_write(path) as f:
+        f.write(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write one text file atomically (atomic_write)."""
+    with atomic_write(path, "w") as f:
+        f.write(text)
+    return Path(path)
+
+
+def stale_files(folder: str | os.PathLike, name: str) -> list[Path]:
+    """Temporary files a killed atomic_write of folder/name left behind, whose writer is gone."""
+    out = []
+    for p in Path(folder).glob(f".{name}{TMP_TAG}*"):
+        pid = p.name[len(f".{name}{TMP_TAG}"):].split("-")[0]
+        if p.is_file() and not (pid.isdigit() and _pid_alive(int(pid))):
+            out.append(p)
+    return out

@@ -22,6 +22,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on a model hub; weights are local
 
+from tina import __version__  # noqa: E402
 from tina.errors import TinaError  # noqa: E402
 from tina.validate import ArgumentParser, check_args, os_error_line, printable, quoted  # noqa: E402
 
@@ -112,7 +113,7 @@ def cmd_predict(args) -> int:
 def cmd_info(args) -> int:
     from tina.bundle import load_bundle
     from tina.routing import read_card, shipped_cards
-    from tina.sample import resolve_checkpoint
+    from tina.registry import resolve_checkpoint
 
     if args.checkpoint is None:  # every shipped checkpoint: what it knows and how well
         from tina.registry import ALIASES
@@ -146,7 +147,7 @@ def cmd_zoo(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from tina.train import main as train_main
+    from tina.training.train import main as train_main
 
     return train_main(args.rest)
 
@@ -171,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ap = ArgumentParser(prog="tina", description="Text-to-model: type a task, get a working classifier.")
     ap.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
+    ap.add_argument("--version", action="version", version=f"tina {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate a classifier from a prompt")

@@ -7,17 +7,23 @@ CLI shows one line instead of a traceback. Every run saves its resolved config b
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
-from dataclasses import is_dataclass
+import re
+from dataclasses import MISSING, fields, is_dataclass
 from pathlib import Path
 from typing import TypeVar
 
-import yaml
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
+from tina.atomic import atomic_write_text
 from tina.errors import TinaError
+from tina.extras import require
+
+require("train", "typed configs (tina.config)", ["omegaconf"])  # before the imports it guards
+
+import yaml  # noqa: E402 - omegaconf installs PyYAML
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 
 T = TypeVar("T")
 
@@ -73,10 +79,51 @@ def to_dict(cfg) -> dict:
 
 def save_config(cfg, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML (atomically)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    os.replace(tmp, path)
+    atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+
+
+def config_keys(schema: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(dotted key, type, default, the comment beside the field) for every leaf of a dataclass schema.
+
+    Read from the dataclasses themselves, so `--help` cannot drift from what load_config accepts."""
+    comments = _field_comments(schema)
+    out = []
+    for f in fields(schema):
+        default = f.default if f.default is not MISSING else f.default_factory() if f.default_factory is not MISSING else MISSING
+        if is_dataclass(default):
+            out += config_keys(type(default), f"{prefix}{f.name}.")
+            continue
+        shown = "(required)" if default is MISSING else repr(default)
+        out.append((prefix + f.name, str(f.type), shown, comments.get(f.name, "")))
+    return out
+
+
+def config_help(schema: type) -> str:
+    """The keys of a config schema as an argparse epilog: one `key: type = default  # comment` line each."""
+    rows = config_keys(schema)
+    width = max(len(f"{k}: {t} = {d}") for k, t, d, _ in rows)
+    lines = [(f"  {f'{k}: {t} = {d}':<{width}}" + (f"  # {c}" if c else "")).rstrip() for k, t, d, c in rows]
+    return "config keys (set in the YAML file or as key=value):\n" + "\n".join(lines)
+
+
+def _field_comments(schema: type) -> dict[str, str]:
+    """name -> the comment beside a field, or else the comment block just above it (its first sentence)."""
+    try:
+        lines = inspect.getsource(schema).splitlines()
+    except (OSError, TypeError):  # no source (e.g. a frozen build): keys without comments
+        return {}
+    out, above = {}, []
+    for line in lines:
+        text = line.strip()
+        if text.startswith("#"):
+            above.append(text.lstrip("# "))
+            continue
+        m = re.match(r"(\w+)\s*:[^#]*?(?:#\s*(.+))?$", text)
+        if m and not text.startswith(("def ", "class ", "@")):
+            comment = m.group(2) or " ".join(above).split(". ")[0]
+            out.setdefault(m.group(1), comment.strip())
+        above = []
+    return out
 
 
 def config_hash(cfg) -> str:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from tina.errors import TinaError
+from tina.validate import check_sampling
 
 PREDICTION_TYPES = {"x0": "sample", "eps": "epsilon", "v": "v_prediction"}
 SAMPLERS = ("ddim", "dpm", "ddpm")
@@ -43,6 +44,33 @@ class DiffusionConfig:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
         if not 0.0 <= self.high_noise_fraction <= 1.0:
             raise ValueError(f"high_noise_fraction must be in [0, 1], got {self.high_noise_fraction}")
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """Checked generation settings, the checkpoint's defaults filled in."""
+
+    seed: int
+    steps: int
+    guidance: float
+    sampler: str
+
+
+def resolve_sampling(defaults: dict, seed: int = 0, steps: int | None = None, guidance: float | None = None,
+                     sampler: str | None = None) -> SamplingSettings:
+    """The one place generation settings are checked: the library (Tina.generate_tasks), the CLI (its flags
+    reach the library unchanged; check_args runs the same range checks before any loading) and the demo.
+
+    None takes the checkpoint's default (`defaults`: bundle.json "sampling"); then every value is checked,
+    defaults included (a hand-edited bundle.json is input too). TinaError names the setting."""
+    check_sampling(seed, steps, guidance)
+    steps = defaults.get("steps", 25) if steps is None else steps
+    guidance = defaults.get("guidance", 1.0) if guidance is None else guidance
+    sampler = sampler or defaults.get("sampler", "ddim")
+    if sampler not in SAMPLERS:
+        raise TinaError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
+    check_sampling(seed, steps, guidance)
+    return SamplingSettings(seed, steps, float(guidance), sampler)
 
 
 def scheduler_config(cfg: DiffusionConfig) -> dict:
@@ -111,6 +139,43 @@ def training_loss(model, scheduler, x0, elem_mask, cond, cond_mask, cond_dropout
     return ((pred - target) ** 2 * w).sum() / w.sum().clamp_min(1)
 
 
+def initial_noise(seed: int, num_tokens: list[int], token_size: int) -> torch.Tensor:
+    """(N, max T, C) starting noise for N tasks: task i's first num_tokens[i] rows come from its own
+    generator seeded `seed` (zeros after them: padding the mask hides), so a task's sample does not
+    depend on the tasks it is batched with (generate_many equals single calls; validation equals generate)."""
+    out = torch.zeros(len(num_tokens), max(num_tokens), token_size)
+    for i, n in enumerate(num_tokens):
+        out[i, :n] = torch.randn(n, token_size, generator=torch.Generator().manual_seed(seed))
+    return out
+
+
+def one_step_x0(config: dict, sampler: str, steps: int) -> bool:
+    """Whether sampling is one DDIM step of an x0-predicting generator (the shipped checkpoints' default).
+
+    Then the answer is the model's own prediction at t = T-1 from pure noise: with trailing spacing the
+    one timestep is T-1, DDIM's scale_model_input and init_noise_sigma are identities, and with
+    set_alpha_to_one the step returns sqrt(1) * x0 + 0 * eps = x0. No scheduler is needed, so no
+    diffusers import (whose first import pulls in torch._dynamo, ~2 s of every cold `tina generate`).
+    tests/test_generate.py checks the result equals diffusers' DDIM step to the bit."""
+    return sampler == "ddim" and steps == 1 and config.get("prediction_type") == "sample"
+
+
+def _predict(model, x_in, tt, cond, cond_mask, guidance: float) -> torch.Tensor:
+    """The model's prediction (N, T, C), with classifier-free guidance when guidance != 1."""
+    if guidance == 1.0:
+        return model(x_in, tt, cond, cond_mask)
+    N = x_in.shape[0]
+    both = model(  # one batched call for conditional and null-text predictions
+        torch.cat([x_in, x_in]),
+        torch.cat([tt, tt]),
+        torch.cat([cond, cond]),
+        None if cond_mask is None else torch.cat([cond_mask, cond_mask]),
+        torch.cat([torch.zeros(N, dtype=torch.bool), torch.ones(N, dtype=torch.bool)]).to(cond.device),
+    )
+    c, u = both.chunk(2)
+    return u + guidance * (c - u)
+
+
 @torch.no_grad()
 def sample_tokens(
     model,
@@ -123,31 +188,22 @@ def sample_tokens(
     guidance: float = 1.0,
     noise: torch.Tensor | None = None,  # (N, T, C); drawn from `generator` when None
     generator: torch.Generator | None = None,
+    use_scheduler: bool = False,  # run diffusers' scheduler even where one_step_x0 makes it unnecessary (tests)
 ) -> torch.Tensor:
     """Run the reverse process; returns normalised x0 tokens (N, T, C)."""
     if steps < 1:
         raise TinaError(f"--steps must be at least 1, got {steps}")
     N, K, _ = cond.shape
     shape = (N, model.num_tokens(K), model.cfg.token_size)
+    x = noise if noise is not None else torch.randn(shape, generator=generator, device=cond.device)
+    if one_step_x0(config, sampler, steps) and not use_scheduler:
+        t = torch.full((N,), config["num_train_timesteps"] - 1, dtype=torch.long, device=cond.device)  # (N,) = T-1
+        return _predict(model, x, t, cond, cond_mask, guidance)  # (N, T, C) the x0 prediction
     sched = make_scheduler(config, sampler)
     sched.set_timesteps(steps, device=cond.device)
-    x = noise if noise is not None else torch.randn(shape, generator=generator, device=cond.device)
     x = x * sched.init_noise_sigma
-    guided = guidance != 1.0
     for t in sched.timesteps:
         x_in = sched.scale_model_input(x, t)
-        tt = t.expand(N).to(cond.device)
-        if guided:  # one batched call for conditional and null-text predictions
-            both = model(
-                torch.cat([x_in, x_in]),
-                torch.cat([tt, tt]),
-                torch.cat([cond, cond]),
-                None if cond_mask is None else torch.cat([cond_mask, cond_mask]),
-                torch.cat([torch.zeros(N, dtype=torch.bool), torch.ones(N, dtype=torch.bool)]).to(cond.device),
-            )
-            c, u = both.chunk(2)
-            pred = u + guidance * (c - u)
-        else:
-            pred = model(x_in, tt, cond, cond_mask)
+        pred = _predict(model, x_in, t.expand(N).to(cond.device), cond, cond_mask, guidance)
         x = sched.step(pred, t, x, generator=generator).prev_sample if sampler == "ddpm" else sched.step(pred, t, x).prev_sample
     return x

@@ -6,7 +6,9 @@
                         of every other file
     model.pt2           torch.export program with preprocessing inside and a dynamic batch:
                         torch.export.load("model.pt2").module()(images) -> logits (N, k),
-                        images float in [0, 1], (N, C, H, W) — no Tina needed
+                        images float in [0, 1], (N, C, H, W) — no Tina needed. torch.export runs
+                        once per architecture (target, k, image spec, torch version); later models
+                        reuse that program with their own weights (`program_bytes`)
     model.onnx          optional (`formats=("pt2", "onnx")`)
 
 A head-on-backbone target (resnet18+linear, resnet20+linear) stores its frozen backbone once: inside
@@ -30,12 +32,13 @@ import json
 import logging
 import os
 import time
+import zipfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load, save
 
-from tina.atomic import FolderKind, atomic_folder
+from tina.atomic import FolderKind, atomic_folder, atomic_write_bytes
 from tina.errors import TinaError
 from tina.pt2_weights import read_pt2_weights
 from tina.targets import TargetNet, get_target
@@ -50,6 +53,82 @@ FOLDER = FolderKind("config.json", MODEL_FORMAT, frozenset({"config.json", "mode
 def export_program(net: TargetNet) -> torch.export.ExportedProgram:
     """torch.export with a dynamic batch dimension (the target decides how: Target.export)."""
     return get_target(net.target).export(net)
+
+
+TEMPLATE_FORMAT = "tina-pt2-template/1"  # bump when the weight swap below changes
+WEIGHTS_CONFIG = "data/weights/model_weights_config.json"  # inside a .pt2 archive (under its root folder)
+
+
+def program_bytes(net: TargetNet) -> bytes:
+    """model.pt2 for `net`: torch.export once per architecture, then that program with this net's weights.
+
+    torch.export of even a 4k-parameter CNN costs ~1.5 s (torch._dynamo's import and the trace), yet the
+    program depends only on the architecture: (torch version, target, k, image spec, parameter shapes).
+    A .pt2 archive stores each parameter as raw bytes under a name listed in its weights config, so the
+    first export of an architecture is kept in `$TINA_CACHE/export` (sha256-checked before every use)
+    and later models copy it with their parameters' bytes swapped in. Anything unexpected in the
+    template (a pickled weight, a shape or dtype that differs) falls back to a fresh export."""
+    state = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
+    key = hashlib.sha256(json.dumps({
+        "format": TEMPLATE_FORMAT, "torch": torch.__version__, "target": net.target, "k": len(net.classes),
+        "image": net.image.to_dict(), "params": {k: [str(v.dtype), list(v.shape)] for k, v in state.items()},
+    }, sort_keys=True).encode()).hexdigest()[:32]
+    folder = _cache_dir()
+    template = _read_template(folder / f"{key}.pt2", folder / f"{key}.sha256")
+    if template is not None:
+        try:
+            return _swap_weights(template, state)
+        except (KeyError, ValueError, zipfile.BadZipFile) as e:
+            log.warning("export template %s does not fit (%s); exporting afresh", key, e)
+    buf = io.BytesIO()
+    torch.export.save(export_program(net), buf)
+    data = buf.getvalue()
+    try:  # a cache is an optimisation: a read-only or full disk only costs the next export
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(folder / f"{key}.pt2", data)
+        atomic_write_bytes(folder / f"{key}.sha256", hashlib.sha256(data).hexdigest().encode())
+    except (OSError, TinaError) as e:
+        log.info("export template not cached (%s)", e)
+    return data
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("TINA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "tina")
+    return Path(base) / "export"
+
+
+def _read_template(path: Path, digest_path: Path) -> bytes | None:
+    """The cached archive when it is there and matches its recorded sha256, else None."""
+    try:
+        data, digest = path.read_bytes(), digest_path.read_text().strip()
+    except OSError:
+        return None
+    if hashlib.sha256(data).hexdigest() != digest:
+        log.warning("export template %s fails its sha256 check; exporting afresh", path)
+        return None
+    return data
+
+
+def _swap_weights(template: bytes, state: dict[str, torch.Tensor]) -> bytes:
+    """A copy of the .pt2 archive `template` whose stored parameters are `state`'s (same names, shapes, dtypes)."""
+    src = zipfile.ZipFile(io.BytesIO(template))
+    config_name = next(n for n in src.namelist() if n.endswith(WEIGHTS_CONFIG))
+    root = config_name[: -len(WEIGHTS_CONFIG)]
+    config = json.loads(src.read(config_name))["config"]
+    if set(config) != set(state):
+        raise ValueError(f"template parameters {sorted(config)} differ from the model's")
+    new = {}
+    for name, entry in config.items():
+        data = state[name].numpy().tobytes()
+        path = f"{root}data/weights/{entry['path_name']}"
+        if entry.get("use_pickle") or src.getinfo(path).file_size != len(data):
+            raise ValueError(f"parameter {name} is not stored as {len(data)} raw bytes")
+        new[path] = data
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as dst:
+        for info in src.infolist():
+            dst.writestr(info, new.get(info.filename) or src.read(info.filename))
+    return out.getvalue()
 
 
 def save_generated(net: TargetNet, folder: str | os.PathLike, formats: tuple[str, ...] = ("pt2",),
@@ -72,9 +151,7 @@ def save_generated(net: TargetNet, folder: str | os.PathLike, formats: tuple[str
         state = {k: v for k, v in state.items() if k not in frozen_names}
     files = {"model.safetensors": save(state)}
     if "pt2" in formats:
-        buf = io.BytesIO()
-        torch.export.save(export_program(net), buf)
-        files["model.pt2"] = buf.getvalue()
+        files["model.pt2"] = program_bytes(net)
     if "onnx" in formats:
         files["model.onnx"] = _onnx_bytes(net)
     info = dict(getattr(net, "tina_info", {}))
@@ -114,12 +191,7 @@ def write_backbone(tensors: dict[str, torch.Tensor], path: str | os.PathLike) ->
         if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != digest:
             raise TinaError(f"{path} exists and is not this model's backbone; choose another --backbone file")
         return digest
-    tmp = path.with_name(f".{path.name}.tina-tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, data)
     return digest
 
 

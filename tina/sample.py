@@ -22,16 +22,19 @@ from pathlib import Path
 import torch
 
 from tina.bundle import Bundle, load_bundle
-from tina.diffusion import make_scheduler, sample_tokens
+from tina.diffusion import initial_noise, make_scheduler, one_step_x0, resolve_sampling, sample_tokens
 from tina.errors import TinaError
 from tina.expected import Assessment, assess
 from tina.imprint import imprint
 from tina.prompts import parse_prompt
+from tina.projector import embed_class_images
 from tina.registry import AUTO, resolve_checkpoint  # noqa: F401 - resolve_checkpoint is part of this module's API
-from tina.targets import TargetNet, get_target
-from tina.validate import check_sampling
+from tina.targets import TargetNet
+from tina.weights import build_model, tokens_to_flat
 
 log = logging.getLogger(__name__)
+
+
 @dataclass
 class Task:
     """One generation request after parsing."""
@@ -43,46 +46,6 @@ class Task:
     assessment: Assessment | None = None  # matches, expected accuracy (tina/expected.py)
     # Classes whose head rows are imprinted from their example images (tina/imprint.py): {index: (n, C, H, W)}
     imprint: dict[int, torch.Tensor] = field(default_factory=dict)
-
-
-def tokens_to_flat(bundle: Bundle, tokens: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-    """Normalised tokens (>= T(k), C) of one k-class task with conditions cond (k, E) -> flat weights (P,).
-
-    With an anchor the tokens hold the residual from (soft) classifier selection of each class."""
-    layout, k = bundle.layout, cond.shape[0]
-    flat = layout.denormalize(layout.detokenize(tokens[: layout.num_tokens(k)].float().cpu(), k), k)
-    if bundle.anchor is not None:
-        flat = flat + bundle.anchor.soft_origin(bundle.anchor.weights(cond.float().cpu()))
-    return flat
-
-
-def build_model(bundle: Bundle, flat: torch.Tensor, classes: list[str]) -> TargetNet:
-    """A TargetNet carrying generated weights (+ the bundle's frozen base weights), loaded strictly."""
-    return assemble(bundle.target, bundle.image, bundle.layout, flat, classes, bundle.base)
-
-
-def assemble(target: str, image, layout, flat: torch.Tensor, classes: list[str], base: dict | None = None) -> TargetNet:
-    """Generated flat vector (+ frozen base weights) → a strictly loaded TargetNet with `.classes`.
-    Generation, validation during training and evaluation all load weights through `load_flat`."""
-    if not torch.isfinite(flat).all():
-        bad = (~torch.isfinite(flat)).sum().item()
-        raise TinaError(f"the generated weights contain {bad} NaN/Inf values; try another --seed or fewer --guidance")
-    net = get_target(target).build(len(classes), image)
-    load_flat(net, layout, flat, base)
-    net.classes = list(classes)
-    return net.eval()
-
-
-def load_flat(net: TargetNet, layout, flat: torch.Tensor, base: dict | None = None) -> TargetNet:
-    """Load one generated vector (P,) and the frozen base weights (parameters and buffers) into `net`,
-    strictly: a missing frozen tensor is an error, never a silently random backbone."""
-    k = net.head.out_features
-    state = layout.unflatten(flat.float().cpu(), k) | (base or {})
-    missing = [n for n in layout.frozen if n not in state]
-    if missing:
-        raise TinaError(f"{layout.target}: {len(missing)} frozen tensors (e.g. {missing[0]}) are missing from the base weights")
-    net.load_state_dict(state, strict=True)
-    return net
 
 
 class Tina:
@@ -108,9 +71,12 @@ class Tina:
             classes = prompt_classes(classes=prompt) if isinstance(prompt, list) else prompt_classes(prompt)
             name_or_path = route(classes).card.path
         tina = cls(load_bundle(resolve_checkpoint(name_or_path), device=device), device)
-        # Import the default sampler's scheduler now (diffusers takes 1-2 s to import), so the
-        # first generation's reported time is the generation's.
-        make_scheduler(tina.bundle.scheduler_config, tina.bundle.meta.get("sampling", {}).get("sampler", "ddim"))
+        # Import the default sampler's scheduler now (diffusers takes 1-2 s to import), so the first
+        # generation's reported time is the generation's; the one-step default needs none (diffusion.py).
+        d = tina.bundle.meta.get("sampling", {})
+        sampler, steps = d.get("sampler", "ddim"), d.get("steps", 25)
+        if not one_step_x0(tina.bundle.scheduler_config, sampler, steps):
+            make_scheduler(tina.bundle.scheduler_config, sampler)
         return tina
 
     # ---- text ---------------------------------------------------------------------------------
@@ -143,8 +109,6 @@ class Tina:
 
     def embed_images(self, images: list[torch.Tensor]) -> torch.Tensor:
         """Mean embedding (E,) of one class's example images, (n, C, H, W) floats in [0, 1]."""
-        from tina.projector import embed_class_images
-
         return embed_class_images(self, images)
 
     # ---- tasks --------------------------------------------------------------------------------
@@ -190,11 +154,8 @@ class Tina:
         self, tasks: list[Task], seed: int = 0, steps: int | None = None, guidance: float | None = None, sampler: str | None = None,
     ) -> list[TargetNet]:
         """All tasks in one batched reverse process (tasks of different k are padded and masked)."""
-        check_sampling(seed, steps, guidance)
-        d = self.bundle.meta.get("sampling", {})
-        steps = d.get("steps", 25) if steps is None else steps
-        guidance = d.get("guidance", 1.0) if guidance is None else guidance
-        sampler = sampler or d.get("sampler", "ddim")
+        settings = resolve_sampling(self.bundle.meta.get("sampling", {}), seed, steps, guidance, sampler)
+        seed, steps, guidance, sampler = settings.seed, settings.steps, settings.guidance, settings.sampler
         t0 = time.perf_counter()
         K = max(len(t.classes) for t in tasks)
         E = tasks[0].cond.shape[-1]
@@ -202,8 +163,7 @@ class Tina:
         mask = torch.zeros(len(tasks), K, dtype=torch.bool)
         for i, t in enumerate(tasks):
             cond[i, : len(t.classes)], mask[i, : len(t.classes)] = t.cond, True
-        gen = torch.Generator().manual_seed(seed)
-        noise = torch.randn(len(tasks), self.bundle.dit.num_tokens(K), self.bundle.layout.token_size, generator=gen)
+        noise = initial_noise(seed, [self.bundle.dit.num_tokens(len(t.classes)) for t in tasks], self.bundle.layout.token_size)
         tokens = sample_tokens(
             self.bundle.dit, self.bundle.scheduler_config, cond.to(self.device), None if bool(mask.all()) else mask.to(self.device),
             sampler=sampler, steps=steps, guidance=guidance, noise=noise.to(self.device),
@@ -211,7 +171,8 @@ class Tina:
         models = []
         layout = self.bundle.layout
         for i, t in enumerate(tasks):
-            net = build_model(self.bundle, tokens_to_flat(self.bundle, tokens[i], t.cond), t.classes)
+            flat = tokens_to_flat(layout, tokens[i], t.cond, self.bundle.anchor)  # (P,)
+            net = build_model(self.bundle, flat, t.classes)
             imprint(net, t.imprint)
             net.tina_info = {
                 "prompt": t.prompt, "classes": t.classes, "seed": seed, "steps": steps, "guidance": guidance,

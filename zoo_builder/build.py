@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from tina.config import config_hash, load_config, save_config
+from tina.config import config_hash, config_help, load_config, save_config
 from tina.errors import TinaError
 from tina.layout import ParamLayout, layout_for
 from tina.validate import ArgumentParser, writable_folder
@@ -181,7 +181,7 @@ def finalize(zoo: Path, plan_json: dict, shards) -> dict | None:
 
 def build(cfg: ZooConfig, rank: int = 0, world_size: int = 1) -> dict | None:
     """Build (or resume) the zoo of `cfg`; returns the manifest when this call completed the zoo."""
-    from tina.datasets import load_dataset
+    from tina.training.datasets import load_dataset
     from tina.prompts import class_variants
 
     if not 0 <= rank < world_size:
@@ -282,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     """CLI: `build CONFIG [key=value ...] [--rank R --world-size W]`. TinaError -> message, exit 2."""
     ap = ArgumentParser(prog="python -m zoo_builder", description="Build a zoo of personalized models.")
     sub = ap.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("build", help="build or resume a zoo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    b = sub.add_parser("build", help="build or resume a zoo", description=__doc__, epilog=config_help(ZooConfig),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     b.add_argument("config", help="a YAML file, e.g. configs/zoo/fashion_mnist.yaml")
     b.add_argument("overrides", nargs="*", help="key=value overrides, e.g. tasks.train=100 out=zoos/small")
     b.add_argument("--rank", type=int, default=int(os.environ.get("RANK", 0)))

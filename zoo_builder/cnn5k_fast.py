@@ -25,8 +25,6 @@ well-shaped product per pooled pixel and the pre-pool activations are never need
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 
@@ -34,9 +32,6 @@ from tina.errors import TinaError
 from tina.targets import CNN5kBody
 from zoo_builder import kernels
 from zoo_builder.kernels import ImageBatch, TorchKernels, grouped_features, head_backward, max4_relu, max4_relu_backward
-
-if TYPE_CHECKING:
-    from zoo_builder.fit import FitData
 
 aten = torch.ops.aten
 
@@ -201,7 +196,7 @@ class StackedCNN5k:
     def _impl(self, device: torch.device) -> str:
         return self.conv_impl if self.conv_impl != "auto" else ("bmm" if device.type == "cuda" else "grouped")
 
-    def inputs(self, data: "FitData", source: torch.Tensor, idx: torch.Tensor, dtype: torch.dtype = torch.float32):
+    def inputs(self, data, source: torch.Tensor, idx: torch.Tensor, dtype: torch.dtype = torch.float32):
         """Network inputs for rows idx (G, B) of `source` (data.train or data.eval): normalised images
         (G, B, H, W, C), or on the grouped path an ImageBatch, which the kernels read straight from the
         uint8 pool, normalising as they go (no normalised copy of the batch).
@@ -210,7 +205,7 @@ class StackedCNN5k:
             return data.inputs(source, idx)
         return ImageBatch.from_pool(source, idx, data.mean, data.std, dtype)
 
-    def train_inputs(self, data: "FitData", idx: torch.Tensor):
+    def train_inputs(self, data, idx: torch.Tensor):
         """A training batch for loss_and_grads: inputs() of data.train in the training dtype."""
         return self.inputs(data, data.train, idx, self.dtype)
 

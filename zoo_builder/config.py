@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from tina.config import config_hash, to_dict
-from tina.datasets import DatasetConfig  # noqa: F401 - the `dataset:` section, shared with training and evaluation
+from tina.training.datasets import DatasetConfig  # noqa: F401 - the `dataset:` section, shared with training and evaluation
 
 
 @dataclass

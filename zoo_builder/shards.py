@@ -14,16 +14,16 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
-from tina.shardio import check_params, file_sha256
+from tina.atomic import atomic_write, atomic_write_bytes, atomic_write_text, stale_files
+from tina.training.shardio import check_params, file_sha256
 from zoo_builder.tasks import SPLITS, Task, TaskPlan
 
 ZOO_FORMAT = "tina-zoo/1"
@@ -57,9 +57,7 @@ def plan_shards(plan: TaskPlan, shard_size: int) -> list[Shard]:
 
 
 def write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=1))
 
 
 def read_json(path: Path):
@@ -76,10 +74,7 @@ def write_vocab(zoo: Path, classes: list[str], encoder, class_variants) -> dict[
     emb = encoder.encode([v for vs in variants for v in vs]).float()  # (num_classes * V, E)
     vocab = {"variants": emb.view(len(classes), V, -1).contiguous()}
     vocab["names"] = vocab["variants"][:, 0].contiguous()  # variant 0 is the plain name
-    tmp = zoo / (VOCAB + ".tmp")
-    save_file(vocab, str(tmp), metadata={"text_encoder": encoder.name, "classes": json.dumps(classes)})
-    os.chmod(tmp, 0o644)  # safetensors writes 0600
-    os.replace(tmp, zoo / VOCAB)
+    atomic_write_bytes(zoo / VOCAB, save(vocab, metadata={"text_encoder": encoder.name, "classes": json.dumps(classes)}))
     return vocab
 
 
@@ -109,17 +104,13 @@ def encode_sample(task: Task, flat: torch.Tensor, class_names: list[str], emb: t
 
 
 def write_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
-    """Write (key, members) samples to path.tmp, then rename: a shard either exists whole or not at all."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+    """Write (key, members) samples atomically (tina.atomic): a shard either exists whole or not at all."""
+    with atomic_write(path) as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for key, members in samples:
             for ext, data in members.items():
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size, info.mtime, info.mode = len(data), 0, 0o644
                 tar.addfile(info, io.BytesIO(data))
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_shard_metrics(path: Path) -> list[dict]:
@@ -133,10 +124,13 @@ def read_shard_metrics(path: Path) -> list[dict]:
 
 
 def remove_stale_tmp(zoo: Path, names: list[str]) -> None:
-    """Leftovers of a killed writer (`names` + ".tmp"); what they belonged to is rebuilt. Only a
-    rank's own files: another rank may be writing its shards right now."""
+    """Leftovers of a killed writer (tina.atomic temporaries, or `name.tmp` from the generic model's
+    writer); what they belonged to is rebuilt. Only a rank's own files: another rank may be writing its
+    shards right now (atomic_write's temporaries carry their writer's pid, and live ones are kept)."""
     for name in names:
         (zoo / (name + ".tmp")).unlink(missing_ok=True)
+        for tmp in stale_files(zoo, name):
+            tmp.unlink(missing_ok=True)
 
 
 # ---- manifest ------------------------------------------------------------------------------------

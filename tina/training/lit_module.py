@@ -13,12 +13,13 @@ import lightning as L
 import numpy as np
 import torch
 
-from tina.accuracy import accuracy, task_test_set
 from tina.config import at_least
-from tina.diffusion import DiffusionConfig, make_scheduler, sample_tokens, scheduler_config, training_loss
+from tina.diffusion import DiffusionConfig, initial_noise, make_scheduler, sample_tokens, scheduler_config, training_loss
 from tina.layout import ParamLayout
 from tina.model import DiT
 from tina.schedule import warmup_cosine
+from tina.training.accuracy import accuracy, task_test_set
+from tina.weights import assemble, tokens_to_flat
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ class TinaLitModule(L.LightningModule):
 
     def __init__(self, dit: DiT, layout: ParamLayout, diffusion: DiffusionConfig, optim: OptimConfig, max_steps: int,
                  val: ValConfig | None = None, val_models: list[dict] | None = None, dataset=None, target: str | None = None,
-                 anchor=None, seed: int = 0, base: dict | None = None):
+                 anchor=None, seed: int = 0, class_emb: torch.Tensor | None = None, base: dict | None = None):
         super().__init__()
         self.seed = seed
         self.dit = dit
@@ -68,6 +69,7 @@ class TinaLitModule(L.LightningModule):
         self.scheduler = make_scheduler(self.sched_config, "ddpm")
         self.val_cfg, self.val_models, self.dataset, self.target = val, val_models or [], dataset, target
         self.anchor = anchor  # tina.anchor.SelectionAnchor when the DiT generates residuals
+        self.class_emb = class_emb  # (V, E) plain-name embeddings by dataset class id: what `tina generate` conditions on
         self.base = base or {}  # frozen backbone weights and buffers (head-on-backbone targets)
 
     def on_train_batch_start(self, batch, batch_idx):
@@ -121,7 +123,7 @@ class TinaLitModule(L.LightningModule):
         if not self.val_models or self.dataset is None or self.trainer.sanity_checking or not self.trainer.is_global_zero:
             return
         metrics = validate_generated(self.ema, self.layout, self.sched_config, self.val_models, self.dataset, self.target,
-                                     self.val_cfg, self.diffusion, base=self.base, anchor=self.anchor)
+                                     self.val_cfg, self.diffusion, base=self.base, anchor=self.anchor, class_emb=self.class_emb)
         for k, v in metrics.items():
             self.log(f"val/{k}", v, rank_zero_only=True, sync_dist=False)
         log.info("step %d: %s", self.global_step, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
@@ -129,14 +131,16 @@ class TinaLitModule(L.LightningModule):
 
 @torch.no_grad()
 def validate_generated(dit, layout, sched_config, models: list[dict], dataset, target: str, cfg: ValConfig,
-                       diffusion: DiffusionConfig, base=None, anchor=None) -> dict:
+                       diffusion: DiffusionConfig, base=None, anchor=None, class_emb: torch.Tensor | None = None) -> dict:
     """Generate the given zoo tasks from their class names; mean accuracy vs oracle and selection.
 
+    The generated models are exactly what `Tina.generate_tasks` returns for these class names (same
+    conditions, noise and tokens -> weights function, tina/weights.py), so validation scores what a
+    user gets. `class_emb` (V, E): the plain-name embeddings the bundle will carry, by dataset class id
+    (None: the zoo models' own, which are the same names stored in float16).
     Generated, oracle (the zoo model) and selection are measured on the same test images, so the
     gain captured is a paired comparison. `anchor`: the SelectionAnchor the DiT's residuals are added
     to (None: the DiT generates whole weights, and selection is the zoo's recorded accuracy)."""
-    from tina.sample import assemble
-
     dit.eval()
     device = next(dit.parameters()).device
     K = max(len(m["classes"]) for m in models)
@@ -145,28 +149,25 @@ def validate_generated(dit, layout, sched_config, models: list[dict], dataset, t
     mask = torch.zeros(len(models), K, dtype=torch.bool)
     for i, m in enumerate(models):
         k = len(m["classes"])
-        cond[i, :k] = torch.nn.functional.normalize(m["emb"][:, 0], dim=-1)  # plain class names
+        emb = class_emb[m["class_ids"]] if class_emb is not None else m["emb"][:, 0]  # (k, E) plain class names
+        cond[i, :k] = emb.float()
         mask[i, :k] = True
-    gen = torch.Generator().manual_seed(0)
-    noise = torch.randn(len(models), dit.num_tokens(K), layout.token_size, generator=gen)
-    tokens = sample_tokens(dit, sched_config, cond.to(device), mask.to(device), sampler=diffusion.sampler,
-                           steps=diffusion.steps, guidance=diffusion.guidance, noise=noise.to(device)).float().cpu()
+    noise = initial_noise(0, [dit.num_tokens(len(m["classes"])) for m in models], layout.token_size)  # as Tina.generate_tasks(seed=0)
+    tokens = sample_tokens(dit, sched_config, cond.to(device), None if bool(mask.all()) else mask.to(device),
+                           sampler=diffusion.sampler, steps=diffusion.steps, guidance=diffusion.guidance,
+                           noise=noise.to(device)).float().cpu()
     gen_acc, oracle, select = [], [], []
     for i, m in enumerate(models):
         k = len(m["classes"])
-        flat = layout.denormalize(layout.detokenize(tokens[i, : layout.num_tokens(k)], k), k)
-        origin = anchor.origin(m["class_ids"]) if anchor is not None else None
-        if origin is not None:
-            flat = flat + origin
         x, y = task_test_set(dataset, m["class_ids"], cfg.images_per_class)
         try:
-            net = assemble(target, dataset.image, layout, flat, m["classes"], base)
+            net = assemble(target, dataset.image, layout, tokens_to_flat(layout, tokens[i], cond[i, :k], anchor), m["classes"], base)
             gen_acc.append(accuracy(net, x, y))
         except Exception:  # noqa: BLE001 - NaN weights early in training count as chance
             gen_acc.append(1.0 / k)
         oracle.append(accuracy(assemble(target, dataset.image, layout, m["params"], m["classes"], base), x, y))
-        if origin is not None:
-            select.append(accuracy(assemble(target, dataset.image, layout, origin, m["classes"], base), x, y))
+        if anchor is not None:
+            select.append(accuracy(assemble(target, dataset.image, layout, anchor.origin(m["class_ids"]), m["classes"], base), x, y))
         else:
             select.append(m["metrics"]["selection_acc"])
     g, o, s = map(np.mean, (gen_acc, oracle, select))

@@ -8,6 +8,7 @@ schedule, step) and, at the end, the exported bundle.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import time
 from dataclasses import dataclass, field
@@ -15,14 +16,14 @@ from pathlib import Path
 
 import torch
 
-from tina.config import at_least, load_config, save_config
-from tina.data import (
+from tina.config import at_least, config_help, load_config, save_config
+from tina.training.data import (
     AugmentConfig, ZooDataModule, fit_layout_stats, layout_from_manifest, load_anchor, load_split, read_manifest,
 )  # fmt: skip
 from tina.diffusion import DiffusionConfig
 from tina.errors import TinaError
 from tina.layout import ParamLayout
-from tina.lit_module import OptimConfig, TinaLitModule, ValConfig, validate_generated
+from tina.training.lit_module import OptimConfig, TinaLitModule, ValConfig, validate_generated
 from tina.model import DIT_SIZES, build_dit
 from tina.validate import ArgumentParser, writable_folder
 
@@ -141,7 +142,7 @@ def train(cfg: TrainConfig) -> Path | None:
     from safetensors.torch import load_file
 
     from tina.bundle import Bundle, save_bundle
-    from tina.datasets import DatasetConfig, load_dataset
+    from tina.training.datasets import DatasetConfig, load_dataset
     from tina.targets import ImageSpec
 
     rank, world = _rank()
@@ -184,7 +185,7 @@ def train(cfg: TrainConfig) -> Path | None:
         generic = load_file(zoo / "generic.safetensors")
         base = {k: generic[k] for k in layout.frozen}
     module = TinaLitModule(dit, layout, cfg.diffusion, cfg.optim, cfg.trainer.max_steps, cfg.val, val_models, dataset, man["target"],
-                          anchor, seed=cfg.trainer.seed, base=base)
+                          anchor, seed=cfg.trainer.seed, class_emb=vocab_t["names"].float(), base=base)
     data = ZooDataModule(zoo, layout, cfg.augment, cfg.trainer.batch_size, cfg.trainer.workers, cfg.trainer.seed, anchor)
 
     if rank == 0:  # only rank zero writes
@@ -226,7 +227,7 @@ def train(cfg: TrainConfig) -> Path | None:
     final_models = load_split(zoo, cfg.val.split, limit=cfg.trainer.final_val_tasks)
     image = ImageSpec.from_dict(man["dataset"]["image"])
     metrics = validate_generated(ema, layout, module.sched_config, final_models, dataset, man["target"], cfg.val,
-                                 cfg.diffusion, base, anchor) if final_models else {}
+                                 cfg.diffusion, base, anchor, class_emb=vocab_t["names"].float()) if final_models else {}
     log.info("final held-out metrics: %s", metrics)
     bundle = Bundle(
         dit=ema, layout=layout, scheduler_config=module.sched_config, target=man["target"], image=image,
@@ -248,7 +249,8 @@ def train(cfg: TrainConfig) -> Path | None:
 
 
 def main(argv: list[str]) -> int:
-    ap = ArgumentParser(prog="tina train", description="Train a generator on a zoo and export a bundle.")
+    ap = ArgumentParser(prog="tina train", description="Train a generator on a zoo and export a bundle.",
+                        epilog=config_help(TrainConfig), formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config", help="YAML config (configs/train/*.yaml)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.max_steps=100")
     args = ap.parse_args(argv)

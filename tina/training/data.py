@@ -25,7 +25,7 @@ import torch
 from tina.anchor import SelectionAnchor
 from tina.errors import TinaError
 from tina.layout import ParamLayout
-from tina.shardio import ShardFile, ShardReader, read_shards
+from tina.training.shardio import ShardFile, ShardReader, read_shards
 
 log = logging.getLogger(__name__)
 ZOO_FORMAT = "tina-zoo/1"
@@ -61,7 +61,7 @@ def shard_urls(zoo: str | Path, manifest: dict, split: str) -> list[ShardFile]:
 
 def iter_split(zoo: str | Path, split: str):
     """Every model of one split, one at a time in shard order (streams: memory holds one shard's worth);
-    every shard is verified against its manifest checksum and decoded without pickle (tina/shardio.py)."""
+    every shard is verified against its manifest checksum and decoded without pickle (tina/training/shardio.py)."""
     for shard in shard_urls(zoo, read_manifest(zoo), split):
         for m in read_shards([shard]):
             m["params"], m["emb"] = torch.from_numpy(m["params"]), torch.from_numpy(m["emb"])  # (P,), (k, V, E)

