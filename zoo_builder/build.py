@@ -52,8 +52,8 @@ def _fit_net(cfg: ZooConfig, image, layout: ParamLayout, state: dict[str, torch.
 
 
 def prepare(cfg: ZooConfig, zoo: Path, dataset) -> tuple[dict, dict | None]:
-    """Rank 0's one-time work; returns the plan (the manifest minus shards and counts) and, when the
-    generic model was trained here for a head-on-backbone target, its backbone's features (reused)."""
+    """Rank 0's one-time work; returns the plan (the manifest minus shards and counts) and, when only the
+    head of a given (pretrained) backbone trained here, that backbone's features of every image (reused)."""
     from tina.prompts import NUM_VARIANTS, class_variants
     from tina.text import get_text_encoder
 
@@ -78,16 +78,6 @@ def prepare(cfg: ZooConfig, zoo: Path, dataset) -> tuple[dict, dict | None]:
     return plan_json, features
 
 
-def frozen_features(cfg: ZooConfig, dataset, state: dict) -> dict | None:
-    """Head-on-backbone targets: the frozen backbone's features of every train and test image (None
-    for whole-network targets)."""
-    if not get_target(cfg.target).head_only:
-        return None
-    net = generic.build_net(cfg, dataset.image, len(dataset.classes))
-    net.load_state_dict(state, strict=True)
-    return generic.frozen_features(net, dataset)
-
-
 def make_fit_data(cfg: ZooConfig, dataset, state: dict, features: dict | None) -> fit.FitData:
     gen = torch.Generator().manual_seed(cfg.finetune.seed)
     n = len(dataset.classes)
@@ -96,8 +86,13 @@ def make_fit_data(cfg: ZooConfig, dataset, state: dict, features: dict | None) -
     if features is None:
         net = generic.build_net(cfg, dataset.image, n)
         net.load_state_dict(state, strict=True)
-        eval_features = generic.extract_features(net, dataset.test_x, desc="generic features")
-        train, evals = torch.from_numpy(dataset.train_x), torch.from_numpy(dataset.test_x)
+        # Only the images fine-tuning and evaluation use go through the generic network, once.
+        eval_features = generic.extract_features(net, dataset.test_x, desc="generic features", rows=eval_order)
+        if get_target(cfg.target).head_only:  # the frozen backbone: heads train on features
+            train = generic.extract_features(net, dataset.train_x, desc="train features", rows=train_order)
+            evals = eval_features
+        else:
+            train, evals = torch.from_numpy(dataset.train_x), torch.from_numpy(dataset.test_x)
     else:
         train, evals, eval_features = features["train"], features["test"], features["test"]
     return fit.FitData(
@@ -224,8 +219,6 @@ def build(cfg: ZooConfig, rank: int = 0, world_size: int = 1) -> dict | None:
     if loaded is None:
         raise TinaError(f"{zoo / generic.GENERIC_WEIGHTS} is missing or was trained with other settings; delete {zoo} and rebuild")
     state = loaded[0]
-    if features is None:  # computed once per process: by prepare when it trained the generic model, else here
-        features = frozen_features(cfg, dataset, state)
     data = make_fit_data(cfg, dataset, state, features).to(device)
     vocab = load_vocab(zoo)
     proxy = nearest_known(vocab["names"], plan.held_out_classes)
