@@ -58,7 +58,9 @@ class FuncStack:
         if self.kind == "features" and feature_dim is None:
             raise ValueError("a head-only stack needs feature_dim")
         self.feature_dim = feature_dim
-        self.frozen = frozen or {}  # non-generated tensors of a whole network, shared by every model
+        # Non-generated tensors of a whole network, shared by every model; a head-only stack sees features,
+        # never the frozen backbone, so it takes none.
+        self.frozen = (frozen or {}) if self.kind == "images" else {}
         self._templates: dict[int, nn.Module] = {}
 
     @classmethod
