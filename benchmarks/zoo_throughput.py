@@ -41,6 +41,7 @@ from tina.targets import ImageSpec, get_target
 from zoo_builder import fit
 from benchmarks import median
 from zoo_builder.config import RuntimeConfig
+from zoo_builder.stack import FuncStack
 
 IMAGE = ImageSpec(1, 28, (0.286,), (0.353,))
 
@@ -66,9 +67,13 @@ def matmul_gflops(n: int = 2048, reps: int = 10, device: torch.device = torch.de
     return 2 * n**3 / best / 1e9
 
 
-def make_data(num_classes: int = 10, n: int = 60000, seed: int = 0) -> fit.FitData:
+def make_data(num_classes: int = 10, n: int = 60000, seed: int = 0, feature_dim: int = 0) -> fit.FitData:
+    """A Fashion-MNIST-sized pool of uint8 images, or (feature_dim > 0) of precomputed backbone features."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, 256, (n, 28, 28, 1), dtype=torch.uint8, generator=g)
+    if feature_dim:
+        x = torch.randn(n, feature_dim, generator=g)
+    else:
+        x = torch.randint(0, 256, (n, 28, 28, 1), dtype=torch.uint8, generator=g)
     y = torch.arange(n) % num_classes
     order, start, count = fit.class_index(y, num_classes, 0, g)
     mean, std = torch.tensor(IMAGE.mean), torch.tensor(IMAGE.std)
@@ -79,9 +84,14 @@ def tasks_for(models: int, k: int, num_classes: int = 10) -> list[list[int]]:
     return [[(i + j) % num_classes for j in range(k)] for i in range(models)]
 
 
-def run_batched(data, init, tasks, steps, batch, group_size, workers, threads, per_call, dtype=torch.float32) -> float:
-    """Seconds to fine-tune every task with zoo_builder.fit (training only, no evaluation), on data's device."""
-    net = fit.StackedCNN5k(1, 28, dtype)
+def run_batched(data, init, tasks, steps, batch, group_size, workers, threads, per_call, dtype=torch.float32,
+                target: str = "cnn-5k", generic: bool = False) -> float:
+    """Seconds to fine-tune every task with zoo_builder.fit (training only, no evaluation), on data's device:
+    through the generic trainer (zoo_builder/stack.py) or, for cnn-5k, its fast path (fit.StackedCNN5k)."""
+    if generic or target != "cnn-5k":
+        net = FuncStack(target, IMAGE, feature_dim=data.train.shape[1] if data.train.dtype != torch.uint8 else None)
+    else:
+        net = fit.StackedCNN5k(1, 28, dtype)
     dev = data.train.device
     groups = [tasks[lo : lo + group_size] for lo in range(0, len(tasks), group_size)]
 
@@ -104,15 +114,18 @@ def run_batched(data, init, tasks, steps, batch, group_size, workers, threads, p
     return time.perf_counter() - t0
 
 
-def run_loop(data, init, tasks, steps, batch, threads, channels_last: bool, bf16: bool = False) -> float:
-    """Seconds for the same work as plain nn.Module training, one model after another."""
+def run_loop(data, init, tasks, steps, batch, threads, channels_last: bool, bf16: bool = False, target: str = "cnn-5k") -> float:
+    """Seconds for the same work as plain nn.Module training, one model after another (a head-on-backbone
+    target: its head as an nn.Module over the precomputed features, the cheapest honest loop)."""
+    if get_target(target).head_only:
+        return _run_head_loop(data, init, tasks, steps, batch, threads)
     torch.set_num_threads(threads)
     dev = data.train.device
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     _sync(dev)
     t0 = time.perf_counter()
     for m, t in enumerate(tasks):
-        net = get_target("cnn-5k").build(len(t), IMAGE)
+        net = get_target(target).build(len(t), IMAGE)
         net.load_state_dict(fit.selection_state_dicts(init, [t])[0])
         net.to(dev, memory_format=fmt)
         opt = torch.optim.Adam(net.parameters(), lr=1e-3)
@@ -128,6 +141,39 @@ def run_loop(data, init, tasks, steps, batch, threads, channels_last: bool, bf16
             opt.step()
     _sync(dev)
     return time.perf_counter() - t0
+
+
+def _run_head_loop(data, init, tasks, steps, batch, threads) -> float:
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    for m, t in enumerate(tasks):
+        sd = fit.selection_state_dicts(init, [t])[0]
+        head = torch.nn.Linear(sd["head.weight"].shape[1], len(t))
+        head.load_state_dict({"weight": sd["head.weight"], "bias": sd["head.bias"]})
+        opt = torch.optim.Adam(head.parameters(), lr=1e-3)
+        ids, ks, _ = fit.class_tables([t], len(t))
+        keys = fit.model_keys(0, [m])
+        for step in range(steps):
+            idx, y = fit.sample_batch(data, ids, ks, batch, keys, step)
+            loss = F.cross_entropy(head(data.train[idx[0]]), y[0])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return time.perf_counter() - t0
+
+
+def training_flops(target: str, k: int) -> float:
+    """Nominal FLOPs of one training example of a target on IMAGE: 3 x a forward pass's multiply-adds x 2
+    (a head-on-backbone target trains its head only, on features)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    spec = get_target(target)
+    net = spec.build(k, IMAGE).eval()
+    if spec.head_only:
+        return 3.0 * 2 * net.head.in_features * k
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        net(torch.rand(1, IMAGE.channels, IMAGE.size, IMAGE.size))
+    return 3.0 * counter.get_total_flops()
 
 
 def _cpu_seconds() -> float:
@@ -152,20 +198,27 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--repeats", type=int, default=3, help="rounds over all rows; each row reports its median")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--matmul-size", type=int, default=2048, help="side of the reference float32 matmul")
+    ap.add_argument("--target", default="cnn-5k", help="any registered target (cnn-5k, cnn-33k, resnet20+linear, ...)")
+    ap.add_argument("--rows", default="generic,fast,loop",
+                    help="CPU rows: generic (zoo_builder/stack.py), fast (cnn-5k's C kernels + manual backward), loop, "
+                         "and the extra variants threads, bf16, loop-variants")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
     gpu = dev.type == "cuda"
     fit.tune_malloc()
     torch.set_num_threads(args.threads)
-    data = make_data().to(dev)
+    spec = get_target(args.target)
     torch.manual_seed(0)
-    init = get_target("cnn-5k").build(10, IMAGE).state_dict()
+    init = spec.build(10, IMAGE).state_dict()
+    D = init["head.weight"].shape[1]
+    data = make_data(feature_dim=D if spec.head_only else 0).to(dev)
     tasks = tasks_for(args.models, args.k)
     loop_tasks = tasks_for(args.loop_models or (32 if gpu else args.models), args.k)
-    per_model = args.steps * args.batch * fit.training_flops("cnn-5k", 1, 28, args.k)
+    per_model = args.steps * args.batch * training_flops(args.target, args.k)
     group = args.group_size or (args.models if gpu else 24)
     per_call = RuntimeConfig(images_per_call=args.images_per_call).models_per_call(dev, args.batch)
-    mm = matmul_gflops(device=dev)
+    mm = matmul_gflops(args.matmul_size, device=dev)
     T = args.threads
     B, S = args.batch, args.steps
     # Each row: (its tasks, fn(tasks, steps) -> seconds).
@@ -179,7 +232,16 @@ def main(argv=None) -> dict:
             "loop, nn.Module (bf16 autocast)": (loop_tasks, lambda ts, n: run_loop(data, init, ts, n, B, T, False, bf16=True)),
         }  # fmt: skip
     else:
+        want, tgt = set(args.rows.split(",")), args.target
         runs = {
+            f"generic {tgt} ({T} workers x 1 thread)": (tasks, lambda ts, n: run_batched(data, init, ts, n, B, group, T, 1, per_call,
+                                                                                          target=tgt, generic=True)),
+            f"fast path cnn-5k ({T} workers x 1 thread)": (tasks, lambda ts, n: run_batched(data, init, ts, n, B, group, T, 1, per_call)),
+            f"loop {tgt}, nn.Module (NCHW)": (loop_tasks, lambda ts, n: run_loop(data, init, ts, n, B, T, False, target=tgt)),
+        }  # fmt: skip
+        keep = ["generic" in want, "fast" in want and tgt == "cnn-5k", "loop" in want]
+        runs = {name: r for (name, r), k in zip(runs.items(), keep) if k}
+        extra = {
             f"batched ({T} workers x 1 thread)": (tasks, lambda ts, n: run_batched(data, init, ts, n, B, group, T, 1, per_call)),
             f"batched (1 worker x {T} threads)": (tasks, lambda ts, n: run_batched(data, init, ts, n, B, group, 1, T, per_call)),
             f"batched bf16 ({T} workers x 1 thread)": (tasks, lambda ts, n: run_batched(data, init, ts, n, B, group, T, 1, per_call,
@@ -189,6 +251,10 @@ def main(argv=None) -> dict:
             "loop, nn.Module (NCHW, 1 thread)": (loop_tasks, lambda ts, n: run_loop(data, init, ts, n, B, 1, False)),
             "loop, nn.Module (bf16 autocast)": (loop_tasks, lambda ts, n: run_loop(data, init, ts, n, B, T, False, bf16=True)),
         }  # fmt: skip
+        groups = {"threads": [1], "bf16": [2], "loop-variants": [4, 5, 6]}
+        for key, idx in groups.items():
+            if key in want and tgt == "cnn-5k":
+                runs |= {name: r for i, (name, r) in enumerate(extra.items()) if i in idx}
     # Rows run round-robin, --repeats rounds, and report their medians: on a small shared machine one
     # row's wall clock can swing by 30% between runs (the 2-thread loop most), and interleaving puts
     # every row under the same conditions.
@@ -210,27 +276,31 @@ def main(argv=None) -> dict:
         rows.append({"name": name, "models": len(ts), "seconds": round(sec, 2), "cpu_seconds": round(cpu, 2),
                      "models_per_minute": round(len(ts) / sec * 60, 1), "models_per_minute_range": [min(per_min), max(per_min)],
                      "gflops": round(work / sec / 1e9, 1), "gflop_per_cpu_second": round(work / cpu / 1e9, 1)})  # fmt: skip
-    base = next(r for r in rows if r["name"] == "loop, nn.Module (NCHW)")
+    base = next((r for r in rows if r["name"].startswith("loop") and r["name"].endswith("nn.Module (NCHW)")), None)
+    gen = next((r for r in rows if r["name"].startswith("generic")), None)
     for r in rows:  # per-model rates: equal work per model, whatever the model counts
-        r["speedup_vs_loop"] = round(r["models_per_minute"] / base["models_per_minute"], 2)
+        if base:
+            r["speedup_vs_loop"] = round(r["models_per_minute"] / base["models_per_minute"], 2)
+        if gen:
+            r["speedup_vs_generic"] = round(r["models_per_minute"] / gen["models_per_minute"], 2)
     where = torch.cuda.get_device_name(dev) if gpu else f"cpu ({os.cpu_count()} cores)"
     result = {
         "machine": {"device": where, "cpu_count": os.cpu_count(), "threads": T, "torch": torch.__version__,
-                    "platform": platform.platform(), "matmul_2048_gflops": round(mm, 1),
+                    "platform": platform.platform(), "matmul_gflops": round(mm, 1), "matmul_size": args.matmul_size,
                     "load_avg_1min": round(os.getloadavg()[0], 2)},
-        "work": {"models": args.models, "loop_models": len(loop_tasks), "steps": S, "batch": B, "k": args.k, "repeats": args.repeats,
+        "work": {"target": args.target, "models": args.models, "loop_models": len(loop_tasks), "steps": S, "batch": B, "k": args.k, "repeats": args.repeats,
                  "gflop_per_model": round(per_model / 1e9, 3)},
         "rows": rows,
     }  # fmt: skip
-    print(f"cnn-5k fine-tuning on {where}: {args.models} models (loop: {len(loop_tasks)}) x {S} steps x batch {B} "
-          f"(k={args.k}), {per_model / 1e9:.2f} GFLOP per model; 2048^2 fp32 matmul: {mm:.0f} GFLOP/s; "
+    print(f"{args.target} fine-tuning on {where}: {args.models} models (loop: {len(loop_tasks)}) x {S} steps x batch {B} "
+          f"(k={args.k}), {per_model / 1e9:.2f} GFLOP per model; {args.matmul_size}^2 fp32 matmul: {mm:.0f} GFLOP/s; "
           f"load avg {os.getloadavg()[0]:.1f}; medians of {args.repeats} interleaved rounds")  # fmt: skip
-    print(f"{'trainer':40s} {'models':>6s} {'seconds':>8s} {'models/min':>11s} {'(range)':>15s} {'GFLOP/s':>8s} {'vs loop':>8s} "
+    print(f"{'trainer':44s} {'models':>6s} {'seconds':>8s} {'models/min':>11s} {'(range)':>15s} {'GFLOP/s':>8s} {'vs loop':>8s} "
           f"{'cpu s':>7s} {'GFLOP/cpu-s':>12s}")
     for r in rows:
         lo, hi = r["models_per_minute_range"]
-        print(f"{r['name']:40s} {r['models']:6d} {r['seconds']:8.2f} {r['models_per_minute']:11.1f} {f'{lo:.0f}-{hi:.0f}':>15s} "
-              f"{r['gflops']:8.1f} {r['speedup_vs_loop']:7.2f}x {r['cpu_seconds']:7.2f} {r['gflop_per_cpu_second']:12.1f}")
+        print(f"{r['name']:44s} {r['models']:6d} {r['seconds']:8.2f} {r['models_per_minute']:11.1f} {f'{lo:.0f}-{hi:.0f}':>15s} "
+              f"{r['gflops']:8.1f} {r.get('speedup_vs_loop', float('nan')):7.2f}x {r['cpu_seconds']:7.2f} {r['gflop_per_cpu_second']:12.1f}")
     print(json.dumps(result))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -15,6 +15,7 @@ def flat_probs(bundle, flats: torch.Tensor, k: int, x: torch.Tensor, eval_batch:
     (about 2x faster convolutions on CPU than NCHW; vmapped grouped convolutions were no faster).
     Models with non-finite weights predict the uniform distribution.
     """
+    from tina.weights import load_flat
     from tina.targets import get_target
 
     M = flats.shape[0]
@@ -24,7 +25,7 @@ def flat_probs(bundle, flats: torch.Tensor, k: int, x: torch.Tensor, eval_batch:
     net = get_target(bundle.target).build(k, bundle.image).to(device).eval()
     probs = torch.empty(M, len(x), k)
     if layout.body_size == 0:  # every model shares the frozen body: one feature pass
-        net.load_state_dict(layout.unflatten(flats[0], k) | bundle.base, strict=True)
+        load_flat(net, layout, flats[0], bundle.base)
         rows = flats.reshape(M, k, layout.head_dim).to(device)  # (M, k, D+1)
         for i in range(0, len(x), eval_batch):
             f = net.features(x[i : i + eval_batch].to(device))  # (b, D)
@@ -34,7 +35,7 @@ def flat_probs(bundle, flats: torch.Tensor, k: int, x: torch.Tensor, eval_batch:
         net = net.to(memory_format=torch.channels_last)
         chunks = [x[i : i + eval_batch].to(device).contiguous(memory_format=torch.channels_last) for i in range(0, len(x), eval_batch)]
         for j in range(M):
-            net.load_state_dict(layout.unflatten(flats[j], k) | bundle.base, strict=True)
+            load_flat(net, layout, flats[j], bundle.base)
             probs[j] = torch.cat([net(xb).softmax(-1).cpu() for xb in chunks])  # (n, k)
     probs[~finite] = 1.0 / k
     return probs

@@ -9,7 +9,8 @@ from tina.targets import ImageSpec, get_target
 
 GRAY = ImageSpec(1, 28, (0.3,), (0.35,))
 RGB = ImageSpec(3, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
-CASES = [("cnn-5k", GRAY, 128), ("cnn-5k", RGB, 64), ("resnet18+linear", RGB, 128)]
+CASES = [("cnn-5k", GRAY, 128), ("cnn-5k", RGB, 64), ("cnn-33k", RGB, 128), ("resnet20+linear", GRAY, 64),
+         ("resnet18+linear", RGB, 128)]
 
 
 @pytest.mark.parametrize("target,image,C", CASES)
@@ -25,7 +26,9 @@ def test_round_trip(target, image, C, k):
     back = layout.unflatten(flat, k)
     for name, t in back.items():
         assert torch.equal(t, sd[name]), name
-    assert set(back) | set(layout.frozen) == set(dict(net.named_parameters()))
+    # generated + frozen = the whole state dict; frozen holds buffers too (BatchNorm running statistics)
+    assert set(back) | set(layout.frozen) == set(sd) and not set(back) & set(layout.frozen)
+    assert all(n in layout.frozen for n, _ in net.named_buffers() if n in sd)
     # tokens: right count, padding zero, inverse exact
     tok = layout.tokenize(flat, k)
     assert tok.shape == (layout.num_tokens(k), C)

@@ -165,28 +165,6 @@ def test_bf16_batched_training_tracks_float32(impl, kern):
     assert (b16[-5:].mean(0) - f32[-5:].mean(0)).abs().max() < 0.1
 
 
-def test_batched_linear_heads_equal_per_model_training():
-    D, ks, B = 16, [4, 2, 7], 10
-    torch.manual_seed(0)
-    heads = [torch.nn.Linear(D, k) for k in ks]
-    net = fit.StackedLinear(D)
-    params = net.pack([{"head.weight": h.weight.detach(), "head.bias": h.bias.detach()} for h in heads], max(ks))
-    trainer = fit.StackedTrainer(net, params, torch.arange(max(ks))[None] < torch.tensor(ks)[:, None], lr=1e-2)
-    opts = [torch.optim.Adam(h.parameters(), lr=1e-2) for h in heads]
-    for _ in range(4):
-        f = torch.randn(len(ks), B, D)
-        y = torch.stack([torch.randint(0, k, (B,)) for k in ks])
-        trainer.step(f, y)
-        for i, h in enumerate(heads):
-            opts[i].zero_grad()
-            F.cross_entropy(h(f[i]), y[i]).backward()
-            opts[i].step()
-    for i, h in enumerate(heads):
-        sd = net.state_dict(params, i, ks[i])
-        torch.testing.assert_close(sd["head.weight"], h.weight.detach())
-        torch.testing.assert_close(sd["head.bias"], h.bias.detach())
-
-
 def test_minibatches_come_from_each_models_own_classes():
     labels = torch.arange(50) % 5
     order, start, count = fit.class_index(labels, 5, 0, torch.Generator().manual_seed(0))
@@ -255,8 +233,7 @@ def test_grouping_does_not_change_the_models():
     order, start, count = fit.class_index(labels, 4, 0, g)
     net = fit.StackedCNN5k(1, 8)
     generic = get_target("cnn-5k").build(4, ImageSpec(1, 8, (0.5,), (0.25,))).state_dict()
-    head = fit.StackedLinear(CNN5kBody.feature_dim(8))
-    feats = torch.randn(200, head.D)
+    feats = torch.randn(200, CNN5kBody.feature_dim(8))
     data = fit.FitData(images, order, start, count, images, order, start, count, torch.tensor([0.5]), torch.tensor([0.25]), feats)
     cfg = FinetuneConfig(steps=3, batch_size=8, lr=1e-2, warmup_steps=1, eval_per_class=10, eval_chunk=16)
     tasks, numbers = [[0, 1], [3, 2, 1], [2, 0]], [7, 8, 9]

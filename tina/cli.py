@@ -78,7 +78,7 @@ def cmd_generate(args) -> int:
     model = tina.generate_tasks([task], seed=args.seed, steps=args.steps, guidance=args.guidance, sampler=args.sampler)[0]
     model.tina_info |= {"routing": decision.info(), "allowed_unknown": bool(unknown)}
     out = Path(args.output) if args.output else Path("generated") / _slug(task.classes)
-    save_generated(model, out, formats=tuple(args.format))
+    save_generated(model, out, formats=tuple(args.format), backbone=args.backbone)
     n = sum(p.numel() for p in model.parameters())
     print(f"generated a {len(task.classes)}-class {tina.bundle.target} ({n:,} parameters) in {model.tina_info['seconds']:.2f}s "
           f"-> {printable(out)}")
@@ -87,7 +87,8 @@ def cmd_generate(args) -> int:
             f"print(m(torch.rand(1, {im.channels}, {im.size}, {im.size})))")
     print("use it:")
     print(f"  tina predict {printable(quoted(out))} image.png")
-    print(f"  python -c {printable(quoted(code))}")
+    if (out / "model.pt2").is_file():
+        print(f"  python -c {printable(quoted(code))}")
     return 0
 
 
@@ -193,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sampler", choices=SAMPLERS, default=None)
     g.add_argument("--device", default="cpu")
     g.add_argument("--format", nargs="+", default=["pt2"], choices=["pt2", "onnx"], help="export formats")
+    g.add_argument("--backbone", metavar="FILE", help="head-on-backbone targets: keep the frozen backbone in this shared "
+                   "file (written once, reused by every folder that names it) and only the head in the folder (no model.pt2)")
     g.add_argument("--threads", type=int, default=1,
                    help="CPU threads (default 1: one small model samples fastest single-threaded; 0 = torch's default)")
     g.set_defaults(func=cmd_generate)

@@ -1,8 +1,9 @@
 """A generated model as a folder that runs anywhere.
 
-    model.safetensors   the full state dict (generated + frozen weights)
+    model.safetensors   the generated weights; for a whole-network target (cnn-5k) the full state dict
     config.json         classes in order, target, image spec (normalisation), prompt, generator
-                        fingerprint, seed and sampler settings, sha256 of every other file
+                        fingerprint, seed and sampler settings, where the frozen weights are, sha256
+                        of every other file
     model.pt2           torch.export program with preprocessing inside and a dynamic batch:
                         torch.export.load("model.pt2").module()(images) -> logits (N, k),
                         images float in [0, 1], (N, C, H, W) — no Tina needed. torch.export runs
@@ -10,8 +11,15 @@
                         reuse that program with their own weights (`program_bytes`)
     model.onnx          optional (`formats=("pt2", "onnx")`)
 
+A head-on-backbone target (resnet18+linear, resnet20+linear) stores its frozen backbone once: inside
+model.pt2 (config "frozen": {"in": "model.pt2"}), which torch.export needs anyway; model.safetensors
+then holds the generated head only, and `load_generated` reads the backbone back out of model.pt2
+without unpickling (tina/pt2_weights.py). Without pt2 the backbone goes into model.safetensors. With
+`backbone=FILE` many folders share one backbone file: each folder holds its head (a few KB) and
+config.json names FILE with its sha256; such a folder has no model.pt2 (a program must contain its weights).
+
 `load_generated(folder)` rebuilds the nn.Module (with `.classes`) from safetensors + JSON only, after
-checking model.safetensors against its recorded sha256. `save_generated` replaces only a folder it
+checking every file it reads against its recorded sha256. `save_generated` replaces only a folder it
 wrote itself (tina.atomic), and each file is made in memory first, so a full disk is an OSError
 (one line from the CLI), not a C++ abort half-way through a zip writer.
 """
@@ -32,6 +40,7 @@ from safetensors.torch import load, save
 
 from tina.atomic import FolderKind, atomic_folder, atomic_write_bytes
 from tina.errors import TinaError
+from tina.pt2_weights import read_pt2_weights
 from tina.targets import TargetNet, get_target
 from tina.validate import check_image_spec, check_state, json_field
 
@@ -42,11 +51,8 @@ FOLDER = FolderKind("config.json", MODEL_FORMAT, frozenset({"config.json", "mode
 
 
 def export_program(net: TargetNet) -> torch.export.ExportedProgram:
-    """torch.export with a dynamic batch dimension."""
-    im = net.image
-    example = torch.rand(2, im.channels, im.size, im.size)
-    batch = torch.export.Dim("batch", min=1, max=65536)
-    return torch.export.export(net.eval(), (example,), dynamic_shapes=({0: batch},))
+    """torch.export with a dynamic batch dimension (the target decides how: Target.export)."""
+    return get_target(net.target).export(net)
 
 
 TEMPLATE_FORMAT = "tina-pt2-template/1"  # bump when the weight swap below changes
@@ -64,7 +70,7 @@ def program_bytes(net: TargetNet) -> bytes:
     template (a pickled weight, a shape or dtype that differs) falls back to a fresh export."""
     state = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
     key = hashlib.sha256(json.dumps({
-        "format": TEMPLATE_FORMAT, "torch": torch.__version__, "target": _target_name(net), "k": len(net.classes),
+        "format": TEMPLATE_FORMAT, "torch": torch.__version__, "target": net.target, "k": len(net.classes),
         "image": net.image.to_dict(), "params": {k: [str(v.dtype), list(v.shape)] for k, v in state.items()},
     }, sort_keys=True).encode()).hexdigest()[:32]
     folder = _cache_dir()
@@ -125,25 +131,41 @@ def _swap_weights(template: bytes, state: dict[str, torch.Tensor]) -> bytes:
     return out.getvalue()
 
 
-def save_generated(net: TargetNet, folder: str | os.PathLike, formats: tuple[str, ...] = ("pt2",)) -> Path:
+def save_generated(net: TargetNet, folder: str | os.PathLike, formats: tuple[str, ...] = ("pt2",),
+                   backbone: str | os.PathLike | None = None) -> Path:
     """Write the model folder atomically (temporary folder, then an atomic swap); TinaError, before
-    anything is written, when `folder` is a file or a folder Tina did not write (tina.atomic)."""
+    anything is written, when `folder` is a file or a folder Tina did not write (tina.atomic).
+    `backbone`: a shared file for the frozen weights of a head-on-backbone target (see the module docstring)."""
     folder = Path(folder)
-    files = {"model.safetensors": save({k: v.contiguous() for k, v in net.state_dict().items()})}
+    state = {k: v.contiguous() for k, v in net.state_dict().items()}
+    frozen_names = get_target(net.target).frozen_names(net)
+    frozen_info = None
+    if backbone is not None:
+        if not frozen_names:
+            raise TinaError(f"--backbone is for head-on-backbone targets; a {net.target} has no frozen weights")
+        formats = tuple(f for f in formats if f == "onnx")  # a program must hold its weights: no pt2
+        frozen_info = {"file": str(Path(backbone).resolve()), "sha256": write_backbone({n: state[n] for n in frozen_names}, backbone)}
+    elif frozen_names and "pt2" in formats:
+        frozen_info = {"in": "model.pt2"}
+    if frozen_info is not None:
+        state = {k: v for k, v in state.items() if k not in frozen_names}
+    files = {"model.safetensors": save(state)}
     if "pt2" in formats:
         files["model.pt2"] = program_bytes(net)
     if "onnx" in formats:
         files["model.onnx"] = _onnx_bytes(net)
     info = dict(getattr(net, "tina_info", {}))
+    info.pop("target", None)
     config = {
         "format": MODEL_FORMAT,
         "classes": list(net.classes),
         "num_classes": len(net.classes),
-        "target": info.pop("target", None) or _target_name(net),
+        "target": net.target,
         "image": net.image.to_dict(),
         "num_parameters": sum(p.numel() for p in net.parameters()),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        **{k: v for k, v in info.items() if k not in ("seconds", "sha256")},
+        **{k: v for k, v in info.items() if k not in ("seconds", "sha256", "frozen")},
+        **({"frozen": frozen_info} if frozen_info else {}),
         "usage": "torch.export.load('model.pt2').module()(images) with images float in [0, 1], shape (N, "
                  f"{net.image.channels}, {net.image.size}, {net.image.size}) -> logits (N, {len(net.classes)}); "
                  "tina.images.load_image(path, ImageSpec.from_dict(config['image'])) reads a file the way training did",
@@ -159,6 +181,20 @@ def save_generated(net: TargetNet, folder: str | os.PathLike, formats: tuple[str
     return folder
 
 
+def write_backbone(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> str:
+    """Write a shared backbone file once (temporary name, then rename); returns its sha256. An existing
+    file is reused only when it holds exactly these tensors, and is never overwritten."""
+    path = Path(path)
+    data = save(tensors)
+    digest = hashlib.sha256(data).hexdigest()
+    if path.exists():
+        if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+            raise TinaError(f"{path} exists and is not this model's backbone; choose another --backbone file")
+        return digest
+    atomic_write_bytes(path, data)
+    return digest
+
+
 def _onnx_bytes(net: TargetNet) -> bytes:
     try:
         buf = io.BytesIO()
@@ -168,10 +204,6 @@ def _onnx_bytes(net: TargetNet) -> bytes:
         return buf.getvalue()
     except Exception as e:  # noqa: BLE001 - missing onnx package or exporter errors
         raise TinaError(f"ONNX export failed ({e}); install the onnx extra: pip install 'tina[onnx]'") from None
-
-
-def _target_name(net: TargetNet) -> str:
-    return "cnn-5k" if type(net.body).__name__ == "CNN5kBody" else "unknown"
 
 
 def load_generated(folder: str | os.PathLike) -> TargetNet:
@@ -207,7 +239,32 @@ def load_generated(folder: str | os.PathLike) -> TargetNet:
         state = load(data)
     except Exception as e:  # noqa: BLE001 - safetensors raises several error types for bad files
         raise TinaError(f"{w_path} is corrupt ({e})") from None
+    frozen = json_field(cfg, "frozen", dict, cfg_path, required=False)
+    if frozen:
+        state |= _frozen_weights(folder, frozen, sums or {}, {n: v for n, v in net.state_dict().items() if n not in state}, cfg_path)
     check_state(net, state, w_path)
     net.classes = list(classes)
     net.tina_info = cfg
     return net.eval()
+
+
+def _frozen_weights(folder: Path, frozen: dict, sums: dict, wanted: dict[str, torch.Tensor], cfg_path) -> dict[str, torch.Tensor]:
+    """The frozen backbone of a head-only folder: from its model.pt2, or from the shared file it names."""
+    if frozen.get("in") == "model.pt2":
+        path, expected = folder / "model.pt2", sums.get("model.pt2")
+    elif "file" in frozen:
+        path, expected = Path(frozen["file"]), frozen.get("sha256")
+    else:
+        raise TinaError(f"{cfg_path}: 'frozen' must name model.pt2 or a backbone file, got {frozen}")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise TinaError(f"{cfg_path}: the frozen backbone {path} is unreadable ({e.strerror})") from None
+    if hashlib.sha256(data).hexdigest() != expected:
+        raise TinaError(f"{path} does not match the sha256 in {cfg_path} (another backbone, corrupt or edited)")
+    if path.suffix == ".pt2":
+        return read_pt2_weights(data, wanted, path)
+    try:
+        return load(data)
+    except Exception as e:  # noqa: BLE001 - safetensors raises several error types for bad files
+        raise TinaError(f"{path} is corrupt ({e})") from None

@@ -53,7 +53,7 @@ class ParamLayout:
         self.token_size = token_size  # C
         self.segments = list(segments)  # generated body segments, in flat order
         self.feature_dim = feature_dim  # D
-        self.frozen = list(frozen)  # parameter names not generated (timm backbones)
+        self.frozen = list(frozen)  # state-dict names not generated: frozen backbone parameters and buffers
         self.head_dim = feature_dim + 1  # D+1 numbers per class
         self.body_size = sum(s.size for s in self.segments)  # P_body
         self.tokens_per_class = math.ceil(self.head_dim / token_size)  # m
@@ -70,16 +70,20 @@ class ParamLayout:
 
     @classmethod
     def from_model(cls, net: nn.Module, target: str, token_size: int, is_generated) -> "ParamLayout":
-        """Read segments off a TargetNet; `is_generated(name)` picks the generated parameters."""
+        """Read segments off a TargetNet; `is_generated(name)` picks the generated parameters. Everything
+        else in the state dict is frozen: parameters and persistent buffers (BatchNorm running statistics)."""
         groups: dict[str, list[tuple[str, tuple[int, ...]]]] = {}
+        params = dict(net.named_parameters())
         frozen = []
-        for name, p in net.named_parameters():
+        for name, t in net.state_dict().items():
             if name in (HEAD_WEIGHT, HEAD_BIAS):
                 continue
             if not is_generated(name):
                 frozen.append(name)
                 continue
-            groups.setdefault(name.rsplit(".", 1)[0], []).append((name, tuple(p.shape)))
+            if name not in params:
+                raise TinaError(f"{target}: buffer {name} would be generated; running statistics cannot be")
+            groups.setdefault(name.rsplit(".", 1)[0], []).append((name, tuple(t.shape)))
         segments = [Segment(m, tuple(ps)) for m, ps in groups.items()]
         return cls(target, token_size, segments, net.head.in_features, frozen)
 

@@ -38,9 +38,20 @@ def assemble(target: str, image, layout, flat: torch.Tensor, classes: list[str],
     if not torch.isfinite(flat).all():
         bad = (~torch.isfinite(flat)).sum().item()
         raise TinaError(f"the generated weights contain {bad} NaN/Inf values; try another --seed or fewer --guidance")
-    k = len(classes)
-    net = get_target(target).build(k, image)
-    state = layout.unflatten(flat.float().cpu(), k) | (base or {})
-    net.load_state_dict(state, strict=True)
+    net = get_target(target).build(len(classes), image)
+    load_flat(net, layout, flat, base)
     net.classes = list(classes)
     return net.eval()
+
+
+def load_flat(net: TargetNet, layout: ParamLayout, flat: torch.Tensor, base: dict | None = None) -> TargetNet:
+    """Load one generated vector (P,) and the frozen base weights (parameters and buffers, e.g. a backbone's
+    BatchNorm statistics) into `net`, strictly: a missing frozen tensor is an error, never a silently
+    random backbone. `assemble` and evaluation's weight swapping (evaluation/scoring.py) both load here."""
+    k = net.head.out_features
+    state = layout.unflatten(flat.float().cpu(), k) | (base or {})
+    missing = [n for n in layout.frozen if n not in state]
+    if missing:
+        raise TinaError(f"{layout.target}: {len(missing)} frozen tensors (e.g. {missing[0]}) are missing from the base weights")
+    net.load_state_dict(state, strict=True)
+    return net

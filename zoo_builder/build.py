@@ -27,7 +27,9 @@ from tina.config import config_hash, config_help, load_config, save_config
 from tina.errors import TinaError
 from tina.layout import ParamLayout, layout_for
 from tina.validate import ArgumentParser, writable_folder
+from tina.targets import get_target
 from zoo_builder import fit, generic
+from zoo_builder.stack import FuncStack
 from zoo_builder.config import ZooConfig, identity, identity_hash
 from zoo_builder.shards import (
     MANIFEST, PLAN, VOCAB, build_manifest, encode_sample, load_vocab, plan_shards, read_json, remove_stale_tmp,
@@ -39,22 +41,27 @@ log = logging.getLogger(__name__)
 WAIT_SECONDS = 6 * 3600  # how long a rank > 0 waits for rank 0 to prepare
 
 
-def _fit_net(cfg: ZooConfig, image, feature_dim: int):
+def _fit_net(cfg: ZooConfig, image, layout: ParamLayout, state: dict[str, torch.Tensor]):
+    """The batched trainer of a target: the generic one (zoo_builder/stack.py) for every target but cnn-5k,
+    which keeps its hand-written fast path (fit.StackedCNN5k; benchmarks/zoo_throughput.py)."""
     if cfg.target == "cnn-5k":
         return fit.StackedCNN5k(image.channels, image.size, cfg.finetune.dtype)
-    return fit.StackedLinear(feature_dim)
+    if cfg.finetune.precision != "fp32":
+        log.warning("finetune.precision=%s applies to cnn-5k only; %s trains in float32", cfg.finetune.precision, cfg.target)
+    return FuncStack(cfg.target, image, layout.feature_dim, frozen={n: state[n] for n in layout.frozen})
 
 
-def prepare(cfg: ZooConfig, zoo: Path, dataset) -> dict:
-    """Rank 0's one-time work; returns the plan (the manifest minus shards and counts)."""
+def prepare(cfg: ZooConfig, zoo: Path, dataset) -> tuple[dict, dict | None]:
+    """Rank 0's one-time work; returns the plan (the manifest minus shards and counts) and, when only the
+    head of a given (pretrained) backbone trained here, that backbone's features of every image (reused)."""
     from tina.prompts import NUM_VARIANTS, class_variants
     from tina.text import get_text_encoder
 
     layout = layout_for(cfg.target, dataset.image, cfg.token_size)
     plan = sample_tasks(len(dataset.classes), cfg.tasks)
+    features = None
     if generic.load_generic(zoo, cfg, layout.fingerprint, plan.held_out_classes) is None:
-        features = frozen_features(cfg, dataset, None)
-        net, metrics = generic.train_generic(cfg, dataset, layout.fingerprint, features, plan.held_out_classes)
+        net, metrics, features = generic.train_generic(cfg, dataset, layout.fingerprint, plan.held_out_classes)
         generic.save_generic(zoo, net, metrics)
     if not (zoo / "vocab.safetensors").is_file():
         log.info("encoding %d classes x %d variants with %s", len(dataset.classes), NUM_VARIANTS, cfg.text_encoder)
@@ -68,20 +75,7 @@ def prepare(cfg: ZooConfig, zoo: Path, dataset) -> dict:
         **plan.to_dict(),
     }  # fmt: skip
     write_json(zoo / PLAN, plan_json)  # last: its presence tells other ranks that preparation is done
-    return plan_json
-
-
-def frozen_features(cfg: ZooConfig, dataset, state: dict | None) -> dict | None:
-    """+linear targets: the frozen backbone's features of every train and test image (None for cnn-5k)."""
-    if cfg.target == "cnn-5k":
-        return None
-    net = generic.build_net(cfg, dataset.image, len(dataset.classes))
-    if state is not None:
-        net.load_state_dict(state, strict=True)
-    elif not (cfg.generic.pretrained or cfg.generic.checkpoint):
-        log.warning("%s: the frozen backbone is randomly initialised; set generic.pretrained=true or generic.checkpoint", cfg.target)
-    return {"train": generic.extract_features(net, dataset.train_x, desc="train features"),
-            "test": generic.extract_features(net, dataset.test_x, desc="test features")}  # fmt: skip
+    return plan_json, features
 
 
 def make_fit_data(cfg: ZooConfig, dataset, state: dict, features: dict | None) -> fit.FitData:
@@ -92,8 +86,13 @@ def make_fit_data(cfg: ZooConfig, dataset, state: dict, features: dict | None) -
     if features is None:
         net = generic.build_net(cfg, dataset.image, n)
         net.load_state_dict(state, strict=True)
-        eval_features = generic.extract_features(net, dataset.test_x, desc="generic features")
-        train, evals = torch.from_numpy(dataset.train_x), torch.from_numpy(dataset.test_x)
+        # Only the images fine-tuning and evaluation use go through the generic network, once.
+        eval_features = generic.extract_features(net, dataset.test_x, desc="generic features", rows=eval_order)
+        if get_target(cfg.target).head_only:  # the frozen backbone: heads train on features
+            train = generic.extract_features(net, dataset.train_x, desc="train features", rows=train_order)
+            evals = eval_features
+        else:
+            train, evals = torch.from_numpy(dataset.train_x), torch.from_numpy(dataset.test_x)
     else:
         train, evals, eval_features = features["train"], features["test"], features["test"]
     return fit.FitData(
@@ -108,7 +107,7 @@ class ShardContext:
 
     cfg: ZooConfig
     zoo: Path
-    net: object  # fit.StackedCNN5k or fit.StackedLinear
+    net: object  # fit.StackedCNN5k (cnn-5k's fast path) or stack.FuncStack (any target)
     generic: dict[str, torch.Tensor]  # generic model state dict
     data: fit.FitData
     layout: ParamLayout
@@ -206,8 +205,9 @@ def build(cfg: ZooConfig, rank: int = 0, world_size: int = 1) -> dict | None:
     if rank == 0:
         remove_stale_tmp(zoo, [PLAN, MANIFEST, VOCAB, "config.yaml", generic.GENERIC_WEIGHTS, generic.GENERIC_METRICS])
         save_config(cfg, zoo / "config.yaml")
-        plan_json = read_json(plan_path) if plan_path.is_file() else prepare(cfg, zoo, dataset)
+        plan_json, features = (read_json(plan_path), None) if plan_path.is_file() else prepare(cfg, zoo, dataset)
     else:
+        features = None
         plan_json = _wait_for_plan(plan_path, cfg, layout)
     plan = TaskPlan.from_dict(plan_json)
     shards = plan_shards(plan, cfg.shard_size)
@@ -219,14 +219,13 @@ def build(cfg: ZooConfig, rank: int = 0, world_size: int = 1) -> dict | None:
     if loaded is None:
         raise TinaError(f"{zoo / generic.GENERIC_WEIGHTS} is missing or was trained with other settings; delete {zoo} and rebuild")
     state = loaded[0]
-    features = frozen_features(cfg, dataset, state)
     data = make_fit_data(cfg, dataset, state, features).to(device)
     vocab = load_vocab(zoo)
     proxy = nearest_known(vocab["names"], plan.held_out_classes)
     if proxy:
         log.info("held-out classes start from their nearest known class: %s",
                  ", ".join(f"{dataset.classes[h]} -> {dataset.classes[k]}" for h, k in proxy.items()))
-    ctx = ShardContext(cfg, zoo, _fit_net(cfg, dataset.image, layout.feature_dim), state, data, layout,
+    ctx = ShardContext(cfg, zoo, _fit_net(cfg, dataset.image, layout, state), state, data, layout,
                        list(dataset.classes), vocab["variants"], [class_variants(c) for c in dataset.classes], proxy,
                        cfg.runtime.resolved_group_size(device), cfg.runtime.models_per_call(device, cfg.finetune.batch_size))
 

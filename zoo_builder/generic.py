@@ -1,11 +1,14 @@
 """The generic model: one target net trained on every class, the starting point of each personalized model.
 
-Saved as ZOO/generic.safetensors (a TargetNet state dict, strict-loadable; for timm targets it
-includes the frozen backbone) and ZOO/generic.json (test accuracy and the hash of the settings it
-was trained with). A resumed build reuses it when that hash matches.
+Saved as ZOO/generic.safetensors (a TargetNet state dict, strict-loadable, with any frozen backbone and
+its BatchNorm statistics) and ZOO/generic.json (test accuracy and the hash of the settings it was
+trained with). A resumed build reuses it when that hash matches.
 
-cnn-5k trains end to end with plain batched minibatch training. `<timm>+linear` keeps its backbone
-frozen: features are computed once (also reused by the fine-tuning) and only the head trains.
+Whole-network targets (cnn-5k) train end to end with plain minibatch training. Head-on-backbone
+targets (resnet20+linear, <timm>+linear) train the same way, backbone included, when no weights are
+given (offline there are no pretrained ones): the backbone is trained once, here, then frozen for
+every personalized head. With `generic.pretrained=true` or `generic.checkpoint=FILE` the given
+backbone stays as it is and only the head trains, on features computed once.
 """
 
 from __future__ import annotations
@@ -57,18 +60,23 @@ def build_net(cfg, image, num_classes: int) -> TargetNet:
 
 
 @torch.no_grad()
-def extract_features(net: TargetNet, images, batch_size: int = 256, desc: str = "features") -> torch.Tensor:
-    """uint8 (N, H, W, C) numpy images -> body features (N, D) of a TargetNet in eval mode."""
+def extract_features(net: TargetNet, images, batch_size: int = 256, desc: str = "features",
+                     rows: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 (N, H, W, C) numpy images -> body features (N, D) of a TargetNet in eval mode. With `rows`,
+    only those images go through the network (the others' features stay zero): a build that fine-tunes on
+    500 images of a 60,000-image training set pays for 500 backbone passes."""
     net.eval()
-    out = []
-    for lo in tqdm(range(0, len(images), batch_size), desc=desc, leave=False, disable=len(images) <= batch_size):
-        x = torch.from_numpy(images[lo : lo + batch_size]).permute(0, 3, 1, 2).float().div_(255.0)
-        out.append(net.features(x.contiguous(memory_format=torch.channels_last)))
-    return torch.cat(out) if out else torch.zeros(0, net.head.in_features)
+    idx = torch.arange(len(images)) if rows is None else rows.unique()
+    out = torch.zeros(len(images), net.head.in_features)
+    for lo in tqdm(range(0, len(idx), batch_size), desc=desc, leave=False, disable=len(idx) <= batch_size):
+        sel = idx[lo : lo + batch_size]
+        x = torch.from_numpy(np.ascontiguousarray(images[sel.numpy()])).permute(0, 3, 1, 2).float().div_(255.0)
+        out[sel] = net.features(x.contiguous(memory_format=torch.channels_last))
+    return out
 
 
 def _train_cnn(net: TargetNet, dataset, gcfg, gen: torch.Generator) -> None:
-    """Plain minibatch Adam on all training images (channels-last: faster convolutions on CPU)."""
+    """Plain minibatch Adam on all training images, every parameter (channels-last: faster convolutions on CPU)."""
     net.train()
     net.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(net.parameters(), lr=gcfg.lr)
@@ -125,23 +133,35 @@ def accuracy(net: TargetNet, dataset, batch_size: int = 512) -> float:
     return correct / max(1, len(dataset.test_y))
 
 
-def train_generic(cfg, dataset, layout_fingerprint: str, features: dict[str, torch.Tensor] | None = None,
-                  held_out: list[int] = ()) -> tuple[TargetNet, dict]:
-    """Train the generic model of `cfg` (ZooConfig) on `dataset` minus the `held_out` classes (their
-    head rows stay at their random init and are never used); returns the net and its metrics
-    (test accuracy over the known classes' test images).
+def frozen_features(net: TargetNet, dataset) -> dict[str, torch.Tensor]:
+    """The frozen backbone's features of every train and test image, (N, D) each: computed once per build."""
+    return {"train": extract_features(net, dataset.train_x, desc="train features"),
+            "test": extract_features(net, dataset.test_x, desc="test features")}  # fmt: skip
 
-    For +linear targets `features` must hold the frozen backbone's "train"/"test" features.
+
+def trains_backbone(cfg) -> bool:
+    """Whether the generic model's training includes the backbone of a head-on-backbone target."""
+    return not (cfg.generic.pretrained or cfg.generic.checkpoint)
+
+
+def train_generic(cfg, dataset, layout_fingerprint: str, held_out: list[int] = ()) -> tuple[TargetNet, dict, dict | None]:
+    """Train the generic model of `cfg` (ZooConfig) on `dataset` minus the `held_out` classes (their
+    head rows stay at their random init and are never used); returns the net, its metrics (test
+    accuracy over the known classes' test images) and, when only a given backbone's head trained, that
+    backbone's features of every image (reused by the build; otherwise None).
     """
     gen = torch.Generator().manual_seed(cfg.generic.seed)
     torch.manual_seed(cfg.generic.seed)  # the net's initialisation
     net = build_net(cfg, dataset.image, len(dataset.classes))
+    head_only = get_target(cfg.target).head_only
     t0 = time.perf_counter()
-    if features is None:
+    features = None
+    if not head_only or trains_backbone(cfg):
         known = known_only(dataset, held_out)
         _train_cnn(net, known, cfg.generic, gen)
         test_acc = accuracy(net, known)
     else:
+        features = frozen_features(net, dataset)
         held = torch.as_tensor(sorted(held_out), dtype=torch.long)
         train_y, test_y = torch.from_numpy(dataset.train_y), torch.from_numpy(dataset.test_y)
         tr, te = ~torch.isin(train_y, held), ~torch.isin(test_y, held)
@@ -153,7 +173,7 @@ def train_generic(cfg, dataset, layout_fingerprint: str, features: dict[str, tor
                "identity": generic_identity(cfg, layout_fingerprint, held_out)}  # fmt: skip
     net.to(memory_format=torch.contiguous_format)
     log.info("generic model: test accuracy %.4f in %.0f s", test_acc, metrics["seconds"])
-    return net, metrics
+    return net, metrics, features
 
 
 def save_generic(zoo: Path, net: TargetNet, metrics: dict) -> None:

@@ -59,7 +59,7 @@ class TinaLitModule(L.LightningModule):
 
     def __init__(self, dit: DiT, layout: ParamLayout, diffusion: DiffusionConfig, optim: OptimConfig, max_steps: int,
                  val: ValConfig | None = None, val_models: list[dict] | None = None, dataset=None, target: str | None = None,
-                 anchor=None, seed: int = 0, class_emb: torch.Tensor | None = None):
+                 anchor=None, seed: int = 0, class_emb: torch.Tensor | None = None, base: dict | None = None):
         super().__init__()
         self.seed = seed
         self.dit = dit
@@ -70,6 +70,7 @@ class TinaLitModule(L.LightningModule):
         self.val_cfg, self.val_models, self.dataset, self.target = val, val_models or [], dataset, target
         self.anchor = anchor  # tina.anchor.SelectionAnchor when the DiT generates residuals
         self.class_emb = class_emb  # (V, E) plain-name embeddings by dataset class id: what `tina generate` conditions on
+        self.base = base or {}  # frozen backbone weights and buffers (head-on-backbone targets)
 
     def on_train_batch_start(self, batch, batch_idx):
         # This step's timesteps, noise and condition dropout are drawn from (seed, rank, step), not from
@@ -122,7 +123,7 @@ class TinaLitModule(L.LightningModule):
         if not self.val_models or self.dataset is None or self.trainer.sanity_checking or not self.trainer.is_global_zero:
             return
         metrics = validate_generated(self.ema, self.layout, self.sched_config, self.val_models, self.dataset, self.target,
-                                     self.val_cfg, self.diffusion, anchor=self.anchor, class_emb=self.class_emb)
+                                     self.val_cfg, self.diffusion, base=self.base, anchor=self.anchor, class_emb=self.class_emb)
         for k, v in metrics.items():
             self.log(f"val/{k}", v, rank_zero_only=True, sync_dist=False)
         log.info("step %d: %s", self.global_step, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))

@@ -180,8 +180,12 @@ def train(cfg: TrainConfig) -> Path | None:
     dataset = load_dataset(man["dataset"], cfg.data_root)
     cfg.val.split = resolve_val_split(man, cfg.val.split)
     val_models = load_split(zoo, cfg.val.split, limit=cfg.val.tasks)
+    base = {}
+    if layout.frozen:  # head-on-backbone targets: the frozen backbone (weights and buffers) travels with the generator
+        generic = load_file(zoo / "generic.safetensors")
+        base = {k: generic[k] for k in layout.frozen}
     module = TinaLitModule(dit, layout, cfg.diffusion, cfg.optim, cfg.trainer.max_steps, cfg.val, val_models, dataset, man["target"],
-                          anchor, seed=cfg.trainer.seed, class_emb=vocab_t["names"].float())
+                          anchor, seed=cfg.trainer.seed, class_emb=vocab_t["names"].float(), base=base)
     data = ZooDataModule(zoo, layout, cfg.augment, cfg.trainer.batch_size, cfg.trainer.workers, cfg.trainer.seed, anchor)
 
     if rank == 0:  # only rank zero writes
@@ -222,10 +226,6 @@ def train(cfg: TrainConfig) -> Path | None:
     ema = module.ema.float().cpu().eval()
     final_models = load_split(zoo, cfg.val.split, limit=cfg.trainer.final_val_tasks)
     image = ImageSpec.from_dict(man["dataset"]["image"])
-    base = {}
-    if layout.frozen:  # timm targets: the frozen backbone travels with the generator
-        generic = load_file(zoo / "generic.safetensors")
-        base = {k: generic[k] for k in layout.frozen}
     metrics = validate_generated(ema, layout, module.sched_config, final_models, dataset, man["target"], cfg.val,
                                  cfg.diffusion, base, anchor, class_emb=vocab_t["names"].float()) if final_models else {}
     log.info("final held-out metrics: %s", metrics)

@@ -1,0 +1,132 @@
+"""Batched training of any target: G models of one architecture as stacked tensors, differentiated by
+autograd through torch.func (functional_call + vmap + grad_and_value).
+
+Each model's loss is its own minibatch's mean cross-entropy over its own k classes; vmap maps one
+model's loss and gradient over the model dimension, so a group of G models is one computation (a
+convolution with stacked weights becomes one grouped convolution) and no model sees another's data
+or gradient. Adding a target needs no code here: whatever `Target.build` returns trains.
+
+Heads of a group are padded to the group's largest k; padded logits are -inf, so padded rows get
+exactly zero gradient and stay zero (fit.StackedTrainer's Adam is elementwise).
+
+Two kinds of stacks, with the interface fit.StackedTrainer, fit.evaluate and fit.fit_group use
+(pack, state_dict, inputs, train_inputs, logits, loss_and_grads):
+  images    whole networks (cnn-5k, cnn-33k): inputs are float images in [0, 1], (G, B, C, H, W);
+            the model normalises them itself, as a generated model does;
+  features  a linear head on a frozen backbone (resnet20+linear, <timm>+linear): inputs are the
+            backbone's precomputed features (G, B, D), computed once per zoo.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad_and_value, vmap
+
+from tina.targets import ImageSpec, Target, get_target
+
+HEAD_W, HEAD_B = "head.weight", "head.bias"
+
+
+class _Head(nn.Module):
+    """A linear head under the name TargetNet gives it ("head."), for head-only stacks."""
+
+    def __init__(self, feature_dim: int, k: int):
+        super().__init__()
+        self.head = nn.Linear(feature_dim, k)
+
+    def forward(self, f):
+        return self.head(f)  # (B, k)
+
+
+class _AnyHead(Target):
+    """Just a linear head (not registered): FuncStack.head."""
+
+    name = "linear-head"
+    generated = ("head.",)
+
+
+class FuncStack:
+    """G models as stacked tensors {state-dict name: (G, ...)}; one template module per head size."""
+
+    def __init__(self, target: Target | str, image: ImageSpec | None = None, feature_dim: int | None = None,
+                 frozen: dict[str, torch.Tensor] | None = None):
+        self.target = get_target(target) if isinstance(target, str) else target
+        self.image = image
+        self.kind = "features" if self.target.head_only else "images"
+        if self.kind == "features" and feature_dim is None:
+            raise ValueError("a head-only stack needs feature_dim")
+        self.feature_dim = feature_dim
+        # Non-generated tensors of a whole network, shared by every model; a head-only stack sees features,
+        # never the frozen backbone, so it takes none.
+        self.frozen = (frozen or {}) if self.kind == "images" else {}
+        self._templates: dict[int, nn.Module] = {}
+
+    @classmethod
+    def head(cls, feature_dim: int) -> "FuncStack":
+        """Linear heads over precomputed features, whatever the target (scores classifier selection)."""
+        return cls(_AnyHead(), feature_dim=feature_dim)
+
+    def module(self, k: int) -> nn.Module:
+        if k not in self._templates:
+            m = _Head(self.feature_dim, k) if self.kind == "features" else self.target.build(k, self.image)
+            self._templates[k] = m.eval()  # eval: a frozen part's BatchNorm (if any) uses its running statistics
+        return self._templates[k]
+
+    # -- conversion to and from TargetNet state dicts --
+
+    def pack(self, state_dicts: list[dict[str, torch.Tensor]], k_max: int) -> dict[str, torch.Tensor]:
+        """Stack the generated tensors of TargetNet state dicts (any k <= k_max); heads zero-padded to k_max."""
+        names = [HEAD_W, HEAD_B] if self.kind == "features" else [
+            n for n, _ in self.module(k_max).named_parameters() if self.target.is_generated(n)]
+        p = {}
+        for n in names:
+            if n in (HEAD_W, HEAD_B):
+                t = torch.zeros(len(state_dicts), k_max, *state_dicts[0][n].shape[1:])
+                for i, sd in enumerate(state_dicts):
+                    t[i, : sd[n].shape[0]] = sd[n]
+            else:
+                t = torch.stack([sd[n] for sd in state_dicts]).float()
+            p[n] = t.contiguous()
+        return p
+
+    def state_dict(self, p: dict[str, torch.Tensor], i: int, k: int) -> dict[str, torch.Tensor]:
+        """Model i of the group: its generated tensors with k classes."""
+        return {n: (t[i, :k] if n in (HEAD_W, HEAD_B) else t[i]).clone() for n, t in p.items()}
+
+    # -- data --
+
+    def inputs(self, data, source: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Rows idx (G, B) of `source` (fit.FitData.train or .eval): images (G, B, C, H, W) in [0, 1], or features (G, B, D)."""
+        x = source[idx]
+        if x.dtype == torch.uint8:  # (G, B, H, W, C) as stored
+            x = x.permute(0, 1, 4, 2, 3).float().div_(255.0)
+        return x
+
+    def train_inputs(self, data, idx: torch.Tensor) -> torch.Tensor:
+        return self.inputs(data, data.train, idx)
+
+    # -- computation --
+
+    def _logits_fn(self, k: int):
+        module = self.module(k)
+
+        def one(p, x):  # one model: p {name: tensor}, x (B, ...) -> (B, k)
+            return functional_call(module, (p, self.frozen), (x,))
+
+        return one
+
+    def logits(self, p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """(G, B, K) logits, padded classes not masked."""
+        return vmap(self._logits_fn(p[HEAD_B].shape[1]))(p, x)
+
+    def loss_and_grads(self, p, x, y, kmask):
+        """Mean cross-entropy per model (G,) and each model's gradient of its own loss, stacked."""
+        one = self._logits_fn(kmask.shape[1])
+
+        def loss(pi, xi, yi, mi):  # one model's minibatch: xi (B, ...), yi (B,), mi (K,)
+            return F.cross_entropy(one(pi, xi).masked_fill(~mi, float("-inf")), yi)
+
+        grads, losses = vmap(grad_and_value(loss))(p, x, y, kmask)
+        return losses.detach(), grads
