@@ -326,7 +326,7 @@ def test_build_resumes_after_sigkill_without_losing_or_duplicating(tiny_zoo, tmp
     cmd = [sys.executable, "-m", "zoo_builder", "build", str(TINY), f"out={out}"]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 600  # a loaded machine can take minutes to import torch
     while not list(out.glob("*.tar")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
@@ -339,7 +339,7 @@ def test_build_resumes_after_sigkill_without_losing_or_duplicating(tiny_zoo, tmp
     man, samples = _samples(out)
     keys = [s["__key__"] for s in samples]
     assert sorted(keys) == sorted(man["tasks"]) and len(keys) == len(set(keys))
-    assert not list(out.glob("*.tmp"))
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tina-tmp-*"))  # the killed writer's temporaries are gone
     # Per-model random streams: every shard equals the one the uninterrupted build wrote.
     for name in sorted(p.name for p in out.glob("*.tar")):
         assert (out / name).read_bytes() == (tiny_zoo / name).read_bytes(), name
