@@ -13,7 +13,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from tina.accuracy import accuracy, task_test_set
+from tina.accuracy import accuracy, gain_captured, task_test_set
 from tina.config import at_least
 from tina.diffusion import DiffusionConfig, make_scheduler, sample_tokens, scheduler_config, training_loss
 from tina.layout import ParamLayout
@@ -121,6 +121,7 @@ class TinaLitModule(L.LightningModule):
             return
         metrics = validate_generated(self.ema, self.layout, self.sched_config, self.val_models, self.dataset, self.target,
                                      self.val_cfg, self.diffusion, anchor=self.anchor)
+        metrics = {k: v for k, v in metrics.items() if v is not None}  # an undefined gain captured is not logged
         for k, v in metrics.items():
             self.log(f"val/{k}", v, rank_zero_only=True, sync_dist=False)
         log.info("step %d: %s", self.global_step, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
@@ -168,8 +169,8 @@ def validate_generated(dit, layout, sched_config, models: list[dict], dataset, t
             select.append(accuracy(assemble(target, dataset.image, layout, origin, m["classes"], base), x, y))
         else:
             select.append(m["metrics"]["selection_acc"])
-    g, o, s = map(np.mean, (gen_acc, oracle, select))
-    return {"gen_acc": float(g), "oracle_acc": float(o), "selection_acc": float(s),
-            "ratio_to_oracle": float(g / o), "gain_captured": float((g - s) / (o - s)) if o > s else float("nan")}
+    g, o, s = (float(np.mean(v)) for v in (gen_acc, oracle, select))
+    return {"gen_acc": g, "oracle_acc": o, "selection_acc": s, "ratio_to_oracle": g / o,
+            "gain_captured": gain_captured(g, o, s)}  # None when oracle - selection < MIN_ORACLE_GAIN
 
 
