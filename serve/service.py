@@ -78,10 +78,11 @@ def _load_dataset(name):
 
 
 class Service:
-    """A loaded generator plus the demo's request handlers; shared by every session, changed by none.
+    """The loaded generators and the demo's operations; shared by every session. Only two things change after
+    start, each under its lock: a generator routing picks is added, the sample dataset is read once.
 
-    `generate`, `predict`, `export_zip` and `samples` are the plain operations (they raise TinaError).
-    The `on_*` methods are what the page calls: they never raise and return values for its components.
+    `generate`, `answer`, `predict`, `export_zip` and `samples` raise TinaError for user mistakes; serve/app.py's
+    `Demo` adds the page's `on_*` handlers, which never raise.
     """
 
     def __init__(self, tina, dataset_loader: Callable[[str], Any] | None = None, workdir: str | Path | None = None,
