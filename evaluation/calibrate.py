@@ -13,12 +13,13 @@ What it measures (no zoo needed: the task plan is a pure function of the zoo con
        one_unrelated  one class replaced by an unrelated word
        unrelated      every class an unrelated word
      Each row keeps the matches `tina generate` computes (tina/expected.py) and the generated model's
-     accuracy. From the fit rows: P(a class resolves to its true class | similarity, margin) (a
-     logistic), then a logistic model in tina/expected.py's FEATURES predicting
-     z = (accuracy - chance) / (1 - chance); 80% ranges are the 10th/90th residual percentiles (logit
-     space) within quartiles of the resolution uncertainty.
-  3. unknown threshold: the similarity at which a non-exact class resolves to its true class half the
-     time (a 1-D logistic over every class of every degraded prompt of the fit rows).
+     accuracy. The fit (evaluation/calibration_fit.py): P(a class resolves to its true class), the
+     logistic predictor of z = (accuracy - chance) / (1 - chance), its 80% range, the thresholds.
+  3. held-out generator rows (--extra-rows FILE): a generator whose zoo held classes out of everything
+     (e.g. configs/zoo/fashion_mnist_heldout.yaml) meets truly unknown class names on its unseen_class
+     sets. Calibrate it first (its quality_rows.json), then pass that file: its unseen_class rows, each
+     scored with its own pair_recall, split by task in two halves: one joins the fit, the other is
+     checked on its own ("check_unknown"). They are copied into this checkpoint's quality_rows.json.
   4. check: the unseen_combo class sets (never used for fitting), same forms: MAE and range coverage.
 The measurements go to CHECKPOINT/quality_rows.json; `--refit` refits from them without generating.
 Test images of each class are split in two halves (even / odd positions): pair_recall and the fit
@@ -30,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import random
 import sys
 import time
@@ -41,15 +41,14 @@ import numpy as np
 import torch
 
 from tina.errors import TinaError
-from tina.expected import BIN_FEATURE, FEATURES, NEAR_CHANCE, QUALITY_FILE, QUALITY_FORMAT, ClassMatch, task_features
+from evaluation.calibration_fit import check, fit_near_chance, fit_predictor, fit_resolution, fit_unknown_threshold
+from tina.expected import QUALITY_FILE, QUALITY_FORMAT, ClassMatch, task_features
 
 log = logging.getLogger(__name__)
 ROWS_FILE = "quality_rows.json"  # the measurements behind quality.json (refit with --refit, no generation)
 FORMS = ("names", "related", "paraphrase", "one_unrelated", "unrelated")
-# Residual percentiles of the 80% range. In-sample 10th/90th percentiles covered only 72% of held-out
-# rows in 5-fold cross-validation on the Fashion-MNIST fit rows; the 5th/95th covered 80%.
-COVERAGE = (0.05, 0.95)
-N_BINS = 4
+ROWS_FORMAT = "tina-quality/1-rows"  # the measurements (unchanged by quality.json format 2)
+HELDOUT_SPLIT = "unseen_class"  # the split of a held-out generator's rows whose classes it never saw
 
 
 @dataclass
@@ -64,6 +63,7 @@ class CalibrationConfig:
     seed: int = 0
     out: str | None = None  # default CHECKPOINT/quality.json
     batch_size: int = 256
+    extra_rows: tuple[str, ...] = ()  # quality_rows.json files of held-out generators (their unseen_class rows join the fit)
 
 
 def related_term(name: str, rng: random.Random) -> str | None:
@@ -180,100 +180,6 @@ def _matches(row: dict) -> list[ClassMatch]:
     return [ClassMatch(**{k: v for k, v in m.items() if k != "resolved_true"}) for m in row["matches"]]
 
 
-# ---- fitting --------------------------------------------------------------------------------------
-
-
-def _z(row: dict) -> float:
-    chance = 1.0 / row["k"]
-    return min(max((row["accuracy"] - chance) / (1 - chance), 0.0), 1.0)
-
-
-def _logistic(x: torch.Tensor, z: torch.Tensor, l2: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weights and bias minimising the binary cross-entropy of sigmoid(x w + b) against fractional z."""
-    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=500, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(x @ w + b, z) + l2 * (w * w).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return w.detach(), b.detach()
-
-
-def fit_predictor(rows: list[dict]) -> dict:
-    """The logistic predictor with per-bin residual percentiles (tina/expected.py reads it)."""
-    x = torch.tensor([[r["features"][f] for f in FEATURES] for r in rows], dtype=torch.float64)
-    z = torch.tensor([_z(r) for r in rows], dtype=torch.float64)
-    mean, scale = x.mean(0), x.std(0).clamp_min(1e-6)
-    w, b = _logistic((x - mean) / scale, z)
-    eta = ((x - mean) / scale) @ w + b
-    zc = z.clamp(0.005, 0.995)
-    resid = (torch.log(zc / (1 - zc)) - eta).numpy()
-    key = np.array([r["features"][BIN_FEATURE] for r in rows])
-    edges = np.unique(np.quantile(key, np.linspace(0, 1, N_BINS + 1)[1:-1])).tolist() + [math.inf]
-    bins, lo = [], -math.inf
-    for upto in edges:
-        sel = (key > lo) & (key <= upto)
-        r = resid[sel] if sel.sum() >= 5 else resid
-        bins.append({"upto": float(upto) if upto < math.inf else 1e9, "low": float(np.quantile(r, COVERAGE[0])),
-                     "high": float(np.quantile(r, COVERAGE[1])), "rows": int(sel.sum())})
-        lo = upto
-    return {"features": list(FEATURES), "mean": mean.tolist(), "scale": scale.tolist(), "weights": w.tolist(),
-            "bias": float(b), "bins": bins, "bin_feature": BIN_FEATURE, "coverage_percentiles": list(COVERAGE),
-            "target": "z = (accuracy - 1/k) / (1 - 1/k), logistic"}
-
-
-def _class_points(rows: list[dict]) -> list[dict]:
-    """Every non-exactly named class of the degraded prompts, with whether it resolved to its true class."""
-    return [m for r in rows if r["form"] != "names" for m in r["matches"]
-            if m["name"].lower() != m["known"].lower()]
-
-
-def fit_resolution(rows: list[dict]) -> dict | None:
-    """Logistic P(resolves to the true class | similarity, margin) (tina/expected.py resolution_probability)."""
-    pts = _class_points(rows)
-    if len(pts) < 10 or len({m["resolved_true"] for m in pts}) < 2:
-        return None
-    x = torch.tensor([[m["similarity"], m["margin"]] for m in pts], dtype=torch.float64)
-    w, b = _logistic(x, torch.tensor([float(m["resolved_true"]) for m in pts], dtype=torch.float64), l2=0.0)
-    return {"weights": w.tolist(), "bias": float(b), "classes": len(pts)}
-
-
-def fit_unknown_threshold(rows: list[dict]) -> dict:
-    """Similarity at which a non-exactly named class resolves to its true class with probability 1/2."""
-    pts = _class_points(rows)
-    if len(pts) < 10 or len({m["resolved_true"] for m in pts}) < 2:
-        return {"value": None, "classes": len(pts)}
-    s = torch.tensor([m["similarity"] for m in pts], dtype=torch.float64)[:, None]
-    y = torch.tensor([float(m["resolved_true"]) for m in pts], dtype=torch.float64)
-    w, b = _logistic(s, y, l2=0.0)
-    return {"value": float(-b / w[0]), "classes": len(pts), "resolved_true": int(y.sum()), "slope": float(w[0])}
-
-
-def check(predictor: dict, rows: list[dict]) -> dict:
-    """MAE and 80%-range coverage of the predictor on rows it was not fitted on, overall and per form."""
-    from tina.expected import predict
-
-    def stats(rs):
-        err, inside = [], []
-        for r in rs:
-            e, lo, hi = predict(predictor, r["features"], r["k"])
-            r["expected"], r["low"], r["high"] = e, lo, hi
-            err.append(abs(e - r["accuracy"]))
-            inside.append(lo <= r["accuracy"] <= hi)
-        return {"rows": len(rs), "mae": float(np.mean(err)), "coverage": float(np.mean(inside)),
-                "mean_accuracy": float(np.mean([r["accuracy"] for r in rs])),
-                "mean_expected": float(np.mean([r["expected"] for r in rs]))}
-
-    out = stats(rows)
-    out["by_form"] = {f: stats([r for r in rows if r["form"] == f]) for f in dict.fromkeys(r["form"] for r in rows)}
-    return out
-
-
 # ---- the command ----------------------------------------------------------------------------------
 
 
@@ -306,67 +212,118 @@ def measure_all(cfg: CalibrationConfig) -> dict:
     check_rows = measure(tina, ds, split("unseen_combo"), "unseen_combo", 1, cfg)
     if not fit_rows or not check_rows:
         raise TinaError("the zoo config has no val/unseen_class tasks to fit on or no unseen_combo tasks to check on")
-    return {"format": QUALITY_FORMAT + "-rows", "vocab": bundle.vocab, "layout_fingerprint": bundle.fingerprint,
+    return {"format": ROWS_FORMAT, "vocab": bundle.vocab, "layout_fingerprint": bundle.fingerprint,
+            "dataset": bundle.dataset, "text_encoder": bundle.text_encoder,
             "pair_recall": table, "fit_rows": fit_rows, "check_rows": check_rows,
             "measure_seconds": round(time.perf_counter() - t0, 1)}
 
 
+def read_extra_rows(path: str | Path, text_encoder: str) -> dict:
+    """A held-out generator's measurements (its quality_rows.json): its unseen_class rows and pair_recall."""
+    path = Path(path)
+    try:
+        e = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise TinaError(f"--extra-rows {path}: unreadable ({err})") from None
+    if not isinstance(e, dict) or e.get("format") != ROWS_FORMAT:
+        raise TinaError(f"--extra-rows {path}: not a {ROWS_FILE} written by python -m evaluation.calibrate")
+    if e.get("text_encoder") != text_encoder:
+        raise TinaError(f"--extra-rows {path}: measured with text encoder {e.get('text_encoder')!r}, this checkpoint uses "
+                        f"{text_encoder!r} (similarities would not be comparable)")
+    rows = [r for r in e["fit_rows"] if r["split"] == HELDOUT_SPLIT]
+    if not rows:
+        raise TinaError(f"--extra-rows {path}: no {HELDOUT_SPLIT} rows (calibrate a generator whose zoo held classes out)")
+    return {"source": str(path), "dataset": e.get("dataset"), "vocab": e["vocab"], "pair_recall": e["pair_recall"], "rows": rows}
+
+
+def _extra_halves(m: dict, resolution=None) -> tuple[list[dict], list[dict]]:
+    """The held-out generators' rows, featured with their own pair_recall, split by task: (fit half, check half)."""
+    fit, chk = [], []
+    for e in m.get("extra", []):
+        tasks = sorted({r["task"] for r in e["rows"]})
+        half = {t: i % 2 for i, t in enumerate(tasks)}
+        for r in e["rows"]:
+            r["split"] = f"heldout:{HELDOUT_SPLIT}"
+            if resolution is not False:
+                r["features"] = task_features(_matches(r), e["pair_recall"], resolution)
+            (fit if half[r["task"]] == 0 else chk).append(r)
+    return fit, chk
+
+
 def fit_all(m: dict, cfg: CalibrationConfig, dataset: str, name: str) -> dict:
     """quality.json's content from the measurements: predictor, thresholds, check."""
-    resolution = fit_resolution(m["fit_rows"])
+    extra_fit, extra_check = _extra_halves(m, resolution=False)
+    fit_rows = m["fit_rows"] + extra_fit
+    resolution = fit_resolution(fit_rows)
     for r in m["fit_rows"] + m["check_rows"]:
         r["features"] = task_features(_matches(r), m["pair_recall"], resolution)
-    predictor = fit_predictor(m["fit_rows"]) | {"resolution": resolution}
-    threshold = fit_unknown_threshold(m["fit_rows"])
-    fit_stats, check_stats = check(predictor, m["fit_rows"]), check(predictor, m["check_rows"])
+    extra_fit, extra_check = _extra_halves(m, resolution)
+    fit_rows = m["fit_rows"] + extra_fit
+    predictor = fit_predictor(fit_rows) | {"resolution": resolution}
+    threshold = fit_unknown_threshold(fit_rows)
+    near = fit_near_chance(predictor, fit_rows)
+    fit_stats = check(predictor, fit_rows)
+    check_stats = check(predictor, m["check_rows"], near["value"])
     names = check_stats["by_form"].get("names", {})
     table, V = m["pair_recall"], len(m["vocab"])
-    return {
+    summary = (f"exact class names on {names.get('rows', 0)} held-out class sets: accuracy "
+               f"{names.get('mean_accuracy', float('nan')):.3f} (expected {names.get('mean_expected', float('nan')):.3f}, "
+               f"MAE {names.get('mae', float('nan')):.3f}); all prompt forms: MAE {check_stats['mae']:.3f}, "
+               f"80% range coverage {check_stats['coverage']:.0%}")
+    q = {
         "format": QUALITY_FORMAT, "vocab": m["vocab"], "layout_fingerprint": m["layout_fingerprint"], "dataset": dataset,
-        "summary": (f"exact class names on {names.get('rows', 0)} held-out class sets: accuracy "
-                    f"{names.get('mean_accuracy', float('nan')):.3f} (expected {names.get('mean_expected', float('nan')):.3f}, "
-                    f"MAE {names.get('mae', float('nan')):.3f}); all prompt forms: MAE {check_stats['mae']:.3f}, "
-                    f"80% range coverage {check_stats['coverage']:.0%}"),
+        "summary": summary,
         "pair_recall": table,
         "class_recall": {m["vocab"][v]: round(float(np.mean([x for x in table[v] if x is not None])), 4)
                          for v in range(V) if any(x is not None for x in table[v])},
         "predictor": predictor,
         "thresholds": {"unknown_similarity": threshold["value"] if threshold["value"] is not None else 0.5,
-                       "unknown_fit": threshold, "near_chance": NEAR_CHANCE},
-        "fit": {"splits": sorted({r["split"] for r in m["fit_rows"]}), "rows": len(m["fit_rows"]),
+                       "unknown_fit": threshold, "near_chance": near["value"], "near_chance_fit": near},
+        "fit": {"splits": sorted({r["split"] for r in fit_rows}), "rows": len(fit_rows),
+                "extra": [{"source": e["source"], "dataset": e["dataset"], "rows": len(e["rows"])} for e in m.get("extra", [])],
                 "images": "even test positions", **{k: v for k, v in fit_stats.items() if k != "by_form"}},
         "check": {"split": "unseen_combo", "images": "odd test positions", **check_stats},
         "config": {"zoo_config": cfg.zoo_config, "images_per_class": cfg.images_per_class, "max_tasks": cfg.max_tasks,
                    "forms": list(cfg.forms), "seed": cfg.seed},
         "command": f"python -m evaluation.calibrate {name} --zoo-config {cfg.zoo_config} --images-per-class {cfg.images_per_class}"
-                   + (f" --max-tasks {cfg.max_tasks}" if cfg.max_tasks else ""),
+                   + (f" --max-tasks {cfg.max_tasks}" if cfg.max_tasks else "")
+                   + "".join(f" --extra-rows {e['source']}" for e in m.get("extra", [])),
         "measure_seconds": m["measure_seconds"],
     }
+    if extra_check:  # the other half of the held-out generators' unknown-class sets: never fitted on
+        q["check_unknown"] = {"split": f"heldout:{HELDOUT_SPLIT}", "sources": [e["source"] for e in m["extra"]],
+                              **check(predictor, extra_check, near["value"])}
+        u = q["check_unknown"]
+        q["summary"] += f"; truly unknown classes ({u['rows']} rows of a held-out generator): MAE {u['mae']:.3f}, coverage {u['coverage']:.0%}"
+    return q
 
 
 def calibrate(cfg: CalibrationConfig, refit: bool = False) -> dict:
-    """Measure (or, with `refit`, reread CHECKPOINT/quality_rows.json), fit, check; write quality.json
-    (into the checkpoint, or cfg.out) and the measurements beside it; return quality.json's content."""
+    """Measure (or, with `refit`, reread CHECKPOINT/quality_rows.json), add cfg.extra_rows, fit, check;
+    write quality.json (into the checkpoint, or cfg.out) and the measurements beside it; return
+    quality.json's content."""
     from tina.atomic import atomic_write_text
     from tina.bundle import load_bundle
     from tina.registry import checkpoint_name, resolve_checkpoint
 
     path = resolve_checkpoint(cfg.checkpoint)
     out = Path(cfg.out) if cfg.out else path / QUALITY_FILE
+    bundle = load_bundle(path)
+    extra = [read_extra_rows(p, bundle.text_encoder) for p in cfg.extra_rows]  # checked before any long measurement
     if refit:
         rows_file = out.parent / ROWS_FILE
         if not rows_file.is_file():
             raise TinaError(f"--refit needs {rows_file} from an earlier run")
         m = json.loads(rows_file.read_text())
-        bundle = load_bundle(path)
         if m.get("vocab") != bundle.vocab or m.get("layout_fingerprint") != bundle.fingerprint:
             raise TinaError(f"{rows_file} was measured on another vocabulary or layout; calibrate without --refit")
-        dataset = bundle.dataset
     else:
         m = measure_all(cfg)
-        dataset = load_bundle(path).dataset
+    if extra:
+        m["extra"] = extra  # kept with the measurements, so that a later --refit needs no other file
+    if extra or not refit:
         atomic_write_text(out.parent / ROWS_FILE, json.dumps(m))  # before fitting: a failed fit keeps the measurements
-    quality = fit_all(m, cfg, dataset, checkpoint_name(path))
+    quality = fit_all(m, cfg, bundle.dataset, checkpoint_name(path))
     atomic_write_text(out, json.dumps(quality, indent=1))
     return quality
 
@@ -381,11 +338,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="where to write (default CHECKPOINT/quality.json)")
     ap.add_argument("--refit", action="store_true", help=f"refit from the {ROWS_FILE} of an earlier run (no generation)")
+    ap.add_argument("--extra-rows", nargs="+", default=[], metavar="ROWS_JSON",
+                    help=f"the {ROWS_FILE} of a generator trained with classes held out: its unknown-class rows join the fit")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         q = calibrate(CalibrationConfig(args.checkpoint, args.zoo_config, args.images_per_class, args.max_tasks,
-                                        tuple(args.forms), args.seed, args.out), refit=args.refit)
+                                        tuple(args.forms), args.seed, args.out, extra_rows=tuple(args.extra_rows)),
+                      refit=args.refit)
     except TinaError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -393,8 +353,12 @@ def main(argv: list[str] | None = None) -> int:
     for form, s in q["check"]["by_form"].items():
         print(f"  {form:14s} {s['rows']:4d} rows  accuracy {s['mean_accuracy']:.3f}  expected {s['mean_expected']:.3f}  "
               f"MAE {s['mae']:.3f}  coverage {s['coverage']:.0%}")
-    print(f"unknown-class similarity threshold {q['thresholds']['unknown_similarity']:.3f}; "
-          f"measuring took {q['measure_seconds']:.0f} s")
+    for form, s in q.get("check_unknown", {}).get("by_form", {}).items():
+        print(f"  unknown/{form:10s} {s['rows']:4d} rows  accuracy {s['mean_accuracy']:.3f}  expected {s['mean_expected']:.3f}  "
+              f"MAE {s['mae']:.3f}  coverage {s['coverage']:.0%}")
+    t = q["thresholds"]
+    print(f"unknown-class similarity threshold {t['unknown_similarity']:.3f}; near-chance warning under expected z "
+          f"{t['near_chance']:.3f}; measuring took {q['measure_seconds']:.0f} s")
     return 0
 
 

@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     h = r["headline"]
     print(results_markdown(r).split("## Accuracy by k")[0].rstrip())
     print(f"\n{SPLIT_TITLES.get(h['split'], h['split'])}: generated {h['generated']:.3f}, "
-          f"generated/oracle {h.get('ratio_to_oracle', float('nan')):.3f}, gain captured {h.get('gain_captured', float('nan')):.3f}")
+          f"generated/oracle {h.get('ratio_to_oracle', float('nan')):.3f}, gain captured "
+          + ("n/a (oracle − selection under the minimum)" if h.get("gain_captured") is None else f"{h['gain_captured']:.3f}"))
     print(f"results: {Path(cfg.out) / 'results.json'}, {Path(cfg.out) / 'results.md'}")
     return 0

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from evaluation.config import HURTING_FORMS, SPLIT_TITLES
+from tina.training.accuracy import MIN_ORACLE_GAIN
 
 
 def _fmt(d: dict | None) -> str:
@@ -37,8 +38,9 @@ def results_markdown(r: dict) -> str:
         h = r["splits"][s]["headline"]
         lines.append(f"| {SPLIT_TITLES.get(s, s)} | {h['generated']:.3f} | {h.get('oracle', float('nan')):.3f} | "
                      f"{h.get('selection', float('nan')):.3f} | {h.get('ratio_to_oracle', float('nan')):.3f} | "
-                     f"{h.get('gain_captured', float('nan')):.3f} |")
-    lines += ["", "gain captured = (generated − selection) / (oracle − selection).", ""]
+                     f"{_num(h.get('gain_captured'))} |")
+    lines += ["", f"gain captured = (generated − selection) / (oracle − selection), from the split's mean accuracies; "
+              f"– (undefined) when oracle − selection < {MIN_ORACLE_GAIN} (within test-set noise).", ""]
     lines += _differences(r) + _novelty(r) + _diversity(r) + _hypernet_and_sizes(r)
     lines += ["## Does the text steer the weights?", "",
               "| split | check | difference | s.e. | as expected |", "|---|---|---|---|---|"]

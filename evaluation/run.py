@@ -20,6 +20,7 @@ from evaluation.report import results_markdown, write_plots
 from evaluation.scoring import accuracies, disagreement, flat_probs
 from evaluation.statistics import split_summary
 from tina.atomic import atomic_write_text
+from tina.training.accuracy import MIN_ORACLE_GAIN
 from tina.errors import TinaError
 from tina.validate import writable_folder
 from zoo_builder.tasks import nearest_known
@@ -249,9 +250,9 @@ def evaluate(cfg: EvalConfig) -> dict:
 
     for s, r in results["splits"].items():
         h = r["headline"]
-        if "gain_captured" in h and h["oracle"] - h["selection"] < 0.02:
-            notes.append(f"{s}: oracle − selection is only {h['oracle'] - h['selection']:.3f}, so gain captured "
-                         f"({h['gain_captured']:.2f}) is dominated by noise; compare accuracies directly")
+        if "gain_captured" in h and h["gain_captured"] is None:
+            notes.append(f"{s}: oracle − selection is only {h['oracle'] - h['selection']:.3f} (< {MIN_ORACLE_GAIN}), so gain "
+                         "captured is undefined (n/a); compare accuracies directly")
     main_split = "unseen_combo" if "unseen_combo" in results["splits"] else next(iter(results["splits"]))
     results["headline"] = {"split": main_split, **results["splits"][main_split]["headline"]}
     results["notes"] = notes

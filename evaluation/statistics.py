@@ -7,6 +7,7 @@ import math
 import numpy as np
 
 from evaluation.config import DIFFERENCES, HURTING_FORMS
+from tina.training.accuracy import gain_captured
 
 
 def summary(values: np.ndarray) -> dict:
@@ -79,7 +80,7 @@ def split_summary(per_task: list[dict], forms: list[str], baselines: list[str], 
         head["selection"] = float(base["selection"].mean())
     if "oracle" in base and "selection" in base:
         o, s = head["oracle"], head["selection"]
-        head["gain_captured"] = (g - s) / (o - s) if o - s > 1e-9 else float("nan")
+        head["gain_captured"] = gain_captured(g, o, s)  # ratio of the split's means; None when o - s < MIN_ORACLE_GAIN
     checks = {}
     if "shuffled" in gen:  # equivariance: permuting the prompt must not change accuracy beyond noise
         p = paired(gen["shuffled"].mean(1), names)

@@ -171,6 +171,34 @@ def test_paired_bootstrap_sees_a_small_paired_gain_that_unpaired_noise_would_hid
     assert same["lo"] < 0 < same["hi"] and not same["excludes_zero"]
 
 
+def test_gain_captured_is_undefined_when_the_oracle_barely_beats_selection():
+    from tina.training.accuracy import MIN_ORACLE_GAIN, gain_captured
+
+    assert gain_captured(0.95, 0.96, 0.90) == pytest.approx(5 / 6)
+    assert gain_captured(0.89, 0.96, 0.90) == pytest.approx(-1 / 6)  # worse than selection: negative, still defined
+    # oracle - selection within noise: the ratio would be -7 or +12 here; it is reported as undefined instead
+    assert gain_captured(0.893, 0.901, 0.900) is None
+    assert gain_captured(0.912, 0.901, 0.900) is None
+    assert gain_captured(0.9, 0.88, 0.90) is None  # the oracle below selection
+    assert gain_captured(0.9, float("nan"), 0.9) is None
+    assert gain_captured(0.95, 0.90 + MIN_ORACLE_GAIN, 0.90) == pytest.approx(5.0)
+
+
+def test_split_gain_captured_is_the_ratio_of_mean_accuracies_and_undefined_within_noise():
+    from evaluation.statistics import split_summary
+
+    def task(g, o, s):
+        return {"generated": {"names": [g, g]}, "oracle": o, "selection": s, "zoo_oracle": None, "k": 2}
+
+    # one task where oracle ~ selection: its own ratio is (0.95 - 0.90) / 0.0001 = 500, a mean of ratios explodes
+    tasks = [task(0.95, 0.9001, 0.90), task(0.80, 0.90, 0.70), task(0.85, 0.90, 0.80)]
+    h = split_summary(tasks, ["names"], ["oracle", "selection"], resamples=10)["headline"]
+    g, o, s = np.mean([0.95, 0.80, 0.85]), np.mean([0.9001, 0.90, 0.90]), np.mean([0.90, 0.70, 0.80])
+    assert h["gain_captured"] == pytest.approx((g - s) / (o - s)) and 0 < h["gain_captured"] < 2
+    flat = split_summary([task(0.95, 0.9001, 0.90), task(0.80, 0.8002, 0.80)], ["names"], ["oracle", "selection"], resamples=10)
+    assert flat["headline"]["gain_captured"] is None and flat["headline"]["ratio_to_oracle"] > 0
+
+
 def test_nearest_zoo_model_aligns_head_rows_to_the_task_and_skips_the_excluded_key(layout):
     zoo = [{"key": "a", "class_ids": [5, 2, 7], "params": _net_flat(layout, 3, 1)},
            {"key": "b", "class_ids": [2, 5], "params": _net_flat(layout, 2, 2)},

@@ -402,3 +402,28 @@ def test_api_generate_needs_only_a_prompt(demo):
     app = build_app(demo=demo)
     info = app.get_api_info()["named_endpoints"]["/generate"]["parameters"]
     assert info[0]["parameter_name"] == "prompt" and all(p["parameter_has_default"] for p in info[1:])
+
+
+def test_demo_switches_to_the_checkpoint_routing_picks_and_reads_images_for_it():
+    from tina.registry import shipped
+
+    if not {"fashion-mnist", "clipart"} <= set(shipped()):
+        pytest.skip("needs both shipped checkpoints")
+    started = Demo.from_checkpoint("fashion-mnist", dataset_loader=lambda name: None)
+    clip = started.generate("classify trees vs flowers vs fruit")
+    assert clip.tina_info["routing"]["checkpoint"] == "clipart" and clip.tina_bundle.dataset != started.bundle.dataset
+    probs = started.predict(clip, np.zeros((32, 32, 3), np.uint8))  # read as the clip-art generator's RGB 32x32
+    assert list(probs) == clip.classes and abs(sum(probs.values()) - 1) < 1e-4
+    assert "Checkpoint:" in started.describe(clip) and "routed clipart" in html.unescape(started.describe(clip))
+    fm = started.generate("classify sneakers vs sandals")
+    assert fm.tina_info["routing"]["checkpoint"] == "fashion-mnist" and fm.tina_bundle is started.bundle
+    assert started.generator(clip.tina_bundle.path) is started.generator(clip.tina_bundle.path)  # loaded once, kept
+
+
+def test_service_module_works_without_gradio():
+    import subprocess
+
+    code = "import sys, serve.service; assert 'gradio' not in sys.modules; print(serve.service.Service.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).parent.parent, env=os.environ | {"PYTHONPATH": str(Path(__file__).parent.parent)})
+    assert out.returncode == 0 and out.stdout.strip() == "Service", out.stderr[-500:]

@@ -6,20 +6,24 @@ and the checkpoint's calibration file (quality.json, written by `python -m evalu
 
   * the expected test accuracy with an 80% range: a logistic model in a few features known without
     test images (k, similarities, margins, collisions, and a prior from the pairwise recall of the
-    checkpoint's own two-class models, which turns a collision into a coin flip);
+    checkpoint's own two-class models, which turns a collision into a coin flip); the range is the
+    expectation plus residual percentiles / sqrt(k), per bin of the expected share of misresolved
+    classes (evaluation/calibration_fit.py), and may reach below chance;
   * warnings, one line each: a class far from the vocabulary (under the calibrated similarity
     threshold), two classes resolving to the same known class, a class broader or narrower than
     the known class it resolves to (WordNet, else shared head nouns), an expectation near chance.
 
     quality.json   {"format": "tina-quality/1", "vocab": [...], "layout_fingerprint": ...,
                     "pair_recall": V x V (row c, column d: recall of c in the 2-class model [c, d]),
-                    "predictor": {"features", "mean", "scale", "weights", "bias", "bins": [{"upto", "low", "high"}]},
+                    "predictor": {"features", "mean", "scale", "weights", "bias", "bin_feature",
+                                  "bins": [{"upto", "low", "high"}] (residuals of z times sqrt(k)), "resolution"},
                     "thresholds": {"unknown_similarity", "near_chance"}, "check": {...}, "fit": {...}}
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,12 +33,14 @@ import torch
 from tina.anchor import variant_similarity
 from tina.errors import TinaError
 
-QUALITY_FORMAT = "tina-quality/1"
+log = logging.getLogger(__name__)
+QUALITY_FORMAT = "tina-quality/2"  # /2: ranges in z / sqrt(k), binned by the unresolved share
 QUALITY_FILE = "quality.json"
 DEFAULT_UNKNOWN_SIMILARITY = 0.5  # without a calibration: the pre-calibration vocabulary warning's cut
-NEAR_CHANCE = 0.3  # warn when the expected accuracy covers less than this share of the way from chance to 1
+NEAR_CHANCE = 0.3  # without a calibration: warn when the expected accuracy covers less than this share of the way from chance to 1
+NEAR_CHANCE_Z = 0.25  # a model is near chance when its measured accuracy covers less than this share of that way
 FEATURES = ("logit_structured", "log_k", "exact_frac")  # chosen by 5-fold cross-validation on the fit rows
-BIN_FEATURE = "resolution_uncertainty"  # range widths differ by how sure the class resolution is
+BIN_FEATURE = "unresolved"  # range widths differ by the expected share of misresolved classes
 EPS = 1e-3
 
 
@@ -77,8 +83,13 @@ def load_quality(path: Path, vocab: list[str], fingerprint: str) -> dict | None:
         q = json.loads(f.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise TinaError(f"{f} is unreadable or corrupt: {e}") from None
-    if q.get("format") != QUALITY_FORMAT:
-        raise TinaError(f"{f} has format {q.get('format')!r}; this Tina reads {QUALITY_FORMAT!r}")
+    if isinstance(q, dict) and str(q.get("format", "")).startswith("tina-quality/") and q["format"] != QUALITY_FORMAT:
+        # an older calibration: the generator still works, without an expected accuracy until it is refitted
+        log.warning("%s has format %r, this Tina reads %r: no expected accuracy until you rerun "
+                    "python -m evaluation.calibrate %s --zoo-config ZOO.yaml --refit", f, q["format"], QUALITY_FORMAT, path)
+        return None
+    if not isinstance(q, dict) or q.get("format") != QUALITY_FORMAT:
+        raise TinaError(f"{f} is not a Tina calibration file (format {QUALITY_FORMAT!r})")
     if q.get("vocab") != list(vocab) or q.get("layout_fingerprint") != fingerprint:
         raise TinaError(f"{f} was calibrated for another vocabulary or layout; rerun python -m evaluation.calibrate {path}")
     V = len(vocab)
@@ -137,6 +148,7 @@ def task_features(matches: list[ClassMatch], pair_recall: list[list[float | None
         "log_k": math.log(k - 1),
         "exact_frac": sum(m.exact for m in matches) / k,
         "resolution_uncertainty": sum(pi * (1 - pi) for pi in p) / k,
+        "unresolved": sum(1 - pi for pi in p) / k,
         "min_sim": min(sims),
         "min_margin": min(margins),
         "collision_frac": (k - len(set(ids))) / k,
@@ -150,14 +162,14 @@ def predictor_eta(predictor: dict, feats: dict[str, float]) -> float:
 
 
 def predict(predictor: dict, feats: dict[str, float], k: int) -> tuple[float, float, float]:
-    """(expected accuracy, low, high): the 80% range from residual quantiles of the task's bin of
-    predictor["bin_feature"] (the resolution uncertainty)."""
-    eta = predictor_eta(predictor, feats)
+    """(expected accuracy, low, high): the 80% range is z_hat + (residual percentiles of the task's bin
+    of predictor["bin_feature"]) / sqrt(k), in accuracy and clipped to [0, 1] (it may reach below chance)."""
+    z_hat = 1 / (1 + math.exp(-predictor_eta(predictor, feats)))
     chance = 1.0 / k
     bins, key = predictor["bins"], feats[predictor["bin_feature"]]
     b = next((b for b in bins if key <= b["upto"]), bins[-1])
-    to_acc = lambda e: chance + (1 - chance) / (1 + math.exp(-e))  # noqa: E731
-    return to_acc(eta), to_acc(eta + b["low"]), to_acc(eta + b["high"])
+    to_acc = lambda z: min(max(chance + (1 - chance) * z, 0.0), 1.0)  # noqa: E731
+    return to_acc(z_hat), to_acc(z_hat + b["low"] / math.sqrt(k)), to_acc(z_hat + b["high"] / math.sqrt(k))
 
 
 # ---- broader / narrower terms ---------------------------------------------------------------------

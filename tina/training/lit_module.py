@@ -18,7 +18,7 @@ from tina.diffusion import DiffusionConfig, initial_noise, make_scheduler, sampl
 from tina.layout import ParamLayout
 from tina.model import DiT
 from tina.schedule import warmup_cosine
-from tina.training.accuracy import accuracy, task_test_set
+from tina.training.accuracy import accuracy, gain_captured, task_test_set
 from tina.weights import assemble, tokens_to_flat
 
 log = logging.getLogger(__name__)
@@ -124,6 +124,7 @@ class TinaLitModule(L.LightningModule):
             return
         metrics = validate_generated(self.ema, self.layout, self.sched_config, self.val_models, self.dataset, self.target,
                                      self.val_cfg, self.diffusion, base=self.base, anchor=self.anchor, class_emb=self.class_emb)
+        metrics = {k: v for k, v in metrics.items() if v is not None}  # an undefined gain captured is not logged
         for k, v in metrics.items():
             self.log(f"val/{k}", v, rank_zero_only=True, sync_dist=False)
         log.info("step %d: %s", self.global_step, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
@@ -170,8 +171,8 @@ def validate_generated(dit, layout, sched_config, models: list[dict], dataset, t
             select.append(accuracy(assemble(target, dataset.image, layout, anchor.origin(m["class_ids"]), m["classes"], base), x, y))
         else:
             select.append(m["metrics"]["selection_acc"])
-    g, o, s = map(np.mean, (gen_acc, oracle, select))
-    return {"gen_acc": float(g), "oracle_acc": float(o), "selection_acc": float(s),
-            "ratio_to_oracle": float(g / o), "gain_captured": float((g - s) / (o - s)) if o > s else float("nan")}
+    g, o, s = (float(np.mean(v)) for v in (gen_acc, oracle, select))
+    return {"gen_acc": g, "oracle_acc": o, "selection_acc": s, "ratio_to_oracle": g / o,
+            "gain_captured": gain_captured(g, o, s)}  # None when oracle - selection < MIN_ORACLE_GAIN
 
 
