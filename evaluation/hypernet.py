@@ -51,10 +51,12 @@ class HyperNet(nn.Module):
 
 
 def generator_budget(bundle, cfg: HypernetConfig) -> dict:
-    """Steps and batch size: the config's, else the generator's own (bundle.json training.steps, config.yaml)."""
+    """Steps and batch size: the config's, else the generator's own (bundle.json training.steps, plus the
+    steps of the generator it was warm-started from (training.steps_before), config.yaml)."""
     import yaml
 
-    steps = cfg.steps or int(bundle.meta.get("training", {}).get("steps", 0) or 0)
+    training = bundle.meta.get("training", {})
+    steps = cfg.steps or int(training.get("steps", 0) or 0) + int(training.get("steps_before", 0) or 0)
     batch = cfg.batch_size
     if not batch and bundle.path is not None and (bundle.path / "config.yaml").is_file():
         batch = int((yaml.safe_load((bundle.path / "config.yaml").read_text()) or {}).get("trainer", {}).get("batch_size", 0) or 0)
