@@ -230,7 +230,7 @@ def test_only_rank_zero_validates(monkeypatch):
     for zero in (False, True):
         fake = SimpleNamespace(val_models=[{}], dataset=object(), trainer=SimpleNamespace(sanity_checking=False, is_global_zero=zero),
                                ema=None, layout=None, sched_config=None, target=None, val_cfg=None, diffusion=None,
-                               anchor=None, class_emb=None, global_step=0, log=lambda *a, **k: None)
+                               anchor=None, class_emb=None, base=None, global_step=0, log=lambda *a, **k: None)
         M.TinaLitModule.on_validation_epoch_end(fake)
     assert calls == [1]
 
