@@ -192,7 +192,7 @@ def test_c_kernels_fall_back_for_other_dtypes():
 
 
 def test_library_is_built_once_atomically_and_a_missing_compiler_is_a_warning(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(kernels, "_loaded", {})
+    monkeypatch.setattr(kernels.library, "_loaded", {})
     monkeypatch.setenv("TINA_KERNEL_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     with caplog.at_level(logging.WARNING, logger="zoo_builder.kernels"):
@@ -202,11 +202,11 @@ def test_library_is_built_once_atomically_and_a_missing_compiler_is_a_warning(tm
     assert not list((tmp_path / "cache").glob("*"))  # no half-written library left behind
     if C_LIB is None:
         return
-    monkeypatch.setattr(kernels, "_loaded", {})
+    monkeypatch.setattr(kernels.library, "_loaded", {})
     monkeypatch.delenv("CC")
     lib = kernels.load()
     assert isinstance(lib, CKernels)
     (built,) = (tmp_path / "cache").glob("kernels-*.so")
     mtime = built.stat().st_mtime_ns
-    monkeypatch.setattr(kernels, "_loaded", {})
+    monkeypatch.setattr(kernels.library, "_loaded", {})
     assert isinstance(kernels.load(), CKernels) and built.stat().st_mtime_ns == mtime  # reused, not rebuilt

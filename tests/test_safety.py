@@ -122,7 +122,7 @@ def test_a_library_planted_in_the_kernel_cache_is_not_loaded(tmp_path, monkeypat
     evil = _evil_library(tmp_path, marker)
     cache = tmp_path / "cache"
     monkeypatch.setenv("TINA_KERNEL_CACHE", str(cache))
-    monkeypatch.setattr(kernels, "_loaded", {})
+    monkeypatch.setattr(kernels.library, "_loaded", {})
     assert kernels.load() is not None
     (lib,) = cache.glob("kernels-*.so")
     good = lib.read_bytes()
@@ -130,24 +130,24 @@ def test_a_library_planted_in_the_kernel_cache_is_not_loaded(tmp_path, monkeypat
 
     # 1. replaced in a private cache: the checksum differs, so it is rebuilt, never loaded
     _plant(lib, evil)
-    monkeypatch.setattr(kernels, "_loaded", {})
+    monkeypatch.setattr(kernels.library, "_loaded", {})
     assert kernels.load() is not None
     assert not marker.exists() and lib.read_bytes() != evil
     # 2. a cache folder others may write (a shared XDG_CACHE_HOME): not trusted even with a matching checksum
     _plant(lib, evil)
     (cache / (lib.name + ".sha256")).write_text(hashlib.sha256(evil).hexdigest())
     os.chmod(cache, 0o777)
-    monkeypatch.setattr(kernels, "_loaded", {})
+    monkeypatch.setattr(kernels.library, "_loaded", {})
     with caplog.at_level(logging.WARNING, logger="zoo_builder.kernels"):
         assert kernels.load() is not None  # built privately instead
     assert "not private" in caplog.text and not marker.exists()
     # 3. a library without its checksum file is never trusted
     os.chmod(cache, 0o700)
     (cache / (lib.name + ".sha256")).unlink()
-    monkeypatch.setattr(kernels, "_loaded", {})
+    monkeypatch.setattr(kernels.library, "_loaded", {})
     assert kernels.load() is not None and not marker.exists()
     assert (cache / (lib.name + ".sha256")).read_text() == hashlib.sha256(lib.read_bytes()).hexdigest()
-    monkeypatch.setattr(kernels, "_loaded", {})
+    monkeypatch.setattr(kernels.library, "_loaded", {})
 
 
 # ---- 2. nothing lost ------------------------------------------------------------------------------

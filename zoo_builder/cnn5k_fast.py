@@ -11,7 +11,7 @@ well-shaped product per pooled pixel and the pre-pool activations are never need
   * grouped (CPU default): conv2 and conv3 are one grouped convolution over all models of a call
     (model g = channel group g, channels-last; oneDNN's direct convolution, forward and backward
     called directly, no autograd graph). Everything else runs in the fused C kernels of
-    zoo_builder/kernels.c (or their torch twins where no C compiler is present): conv1 + pool + ReLU
+    zoo_builder/kernels/kernels.c (or their torch twins where no C compiler is present): conv1 + pool + ReLU
     read straight from the uint8 images, conv1's weight gradient, pool + ReLU and their backward with
     the conv biases' gradients, the head and its loss, and in float32 conv2's input gradient. On a
     CPU core this is 2.2x (float32) and 2.1x (bf16) faster per model-step than the same path in torch
@@ -96,8 +96,8 @@ class StackedCNN5k:
         #            (bf16) the model-steps per second of bmm.
         # auto: grouped on a CPU, bmm on a GPU (grouped is untimed there).
         self.conv_impl = conv_impl
-        # The grouped path's kernels: "c" (zoo_builder/kernels.c), "torch" (their twins), or "auto"
-        # (C on a CPU where it compiles). float32 results agree to rounding; see kernels.py.
+        # The grouped path's kernels: "c" (zoo_builder/kernels/kernels.c), "torch" (their twins), or "auto"
+        # (C on a CPU where it compiles). float32 results agree to rounding; see zoo_builder/kernels.
         self.kernels = kernels
 
     # -- conversion to and from TargetNet state dicts --

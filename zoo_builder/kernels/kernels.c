@@ -1,4 +1,4 @@
-/* Fused CPU kernels for batched cnn-5k training (zoo_builder/kernels.py builds and loads them).
+/* Fused CPU kernels for batched cnn-5k training (zoo_builder/kernels/library.py builds and loads them).
 
    Everything around the convolutions of a tiny CNN is memory traffic: max-pool with indices, its
    scatter backward into a zero-filled tensor, ReLU masks, layout permutes, window gathers. As
@@ -25,7 +25,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#define C1 8 /* conv1 width of cnn-5k (CNN5kBody.widths[0]); kernels.py checks it */
+#define C1 8 /* conv1 width of cnn-5k (CNN5kBody.widths[0]); ctypes_ops.py checks it */
 #define CAT_(a, b) a##_##b
 #define CAT(a, b) CAT_(a, b)
 
