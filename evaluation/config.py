@@ -51,10 +51,13 @@ class HypernetConfig:
     warmup_steps: int = 100
     width: int = 512
     seed: int = 0
+    # DataLoader worker processes reading and tokenizing the zoo (0: in the main process). On a CPU the
+    # pipeline takes about half of a step, so one worker overlaps it with the network's forward/backward.
+    workers: int = 1
 
     def __post_init__(self):
-        if self.steps < 0 or self.batch_size < 0 or self.width < 1:
-            raise ValueError("hypernet.steps and hypernet.batch_size must be >= 0, hypernet.width >= 1")
+        if self.steps < 0 or self.batch_size < 0 or self.width < 1 or self.workers < 0:
+            raise ValueError("hypernet.steps, hypernet.batch_size and hypernet.workers must be >= 0, hypernet.width >= 1")
 
 
 @dataclass

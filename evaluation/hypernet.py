@@ -19,6 +19,7 @@ import time
 
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 from evaluation.config import HypernetConfig
 
@@ -86,10 +87,12 @@ def train_hypernet(bundle, zoo, cfg: HypernetConfig, device: str | torch.device 
     layout = bundle.layout
     net = HyperNet(layout, bundle.vocab_emb.shape[1], cfg.width).to(device)
     stream = ZooStream(shard_urls(zoo, read_manifest(zoo), "train"), layout, augment_config(bundle), cfg.seed, anchor=bundle.anchor)
-    loader = torch.utils.data.DataLoader(stream, batch_size=budget["batch_size"], collate_fn=functools.partial(collate, layout=layout))
+    loader = torch.utils.data.DataLoader(stream, batch_size=budget["batch_size"], num_workers=cfg.workers,
+                                         collate_fn=functools.partial(collate, layout=layout))
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=0.0)
     t0, losses = time.perf_counter(), []
     net.train()
+    bar = tqdm(total=budget["steps"], desc="hypernet baseline", unit="step", leave=False)
     for step, batch in zip(range(budget["steps"]), loader):
         for g in opt.param_groups:
             g["lr"] = cfg.lr * warmup_cosine(step, budget["steps"], cfg.warmup_steps, floor=0.05)
@@ -100,6 +103,8 @@ def train_hypernet(bundle, zoo, cfg: HypernetConfig, device: str | torch.device 
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
+        bar.update()
+    bar.close()
     net.eval()
     record = {**budget, "lr": cfg.lr, "width": cfg.width, "parameters": sum(p.numel() for p in net.parameters()),
               "final_loss": float(sum(losses[-50:]) / max(1, len(losses[-50:]))), "seconds": round(time.perf_counter() - t0, 1)}
