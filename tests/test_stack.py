@@ -63,3 +63,36 @@ def test_batched_training_equals_per_model_training(target):
                 torch.testing.assert_close(sd[name], ref, atol=1e-4, rtol=1e-4, msg=name)
         with torch.no_grad():
             torch.testing.assert_close(logits[i, :, : ks[i]], n(x[i]), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_worker_threads_sharing_a_stack_get_their_own_gradients(grouped):
+    """The build fits groups on worker threads that share one FuncStack: a thread's gradients must come
+    from its own weights (functional_call swaps tensors into a module, so a shared template would mix them)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    spec = get_target("cnn-5k")
+    stack = FuncStack(spec, IMAGE, grouped=grouped)
+    gen = torch.Generator().manual_seed(0)
+    jobs = []
+    for _ in range(2):  # two groups with different weights and data, the same shapes
+        torch.manual_seed(len(jobs))
+        p = stack.pack([spec.build(4, IMAGE).state_dict() for _ in range(3)], 4)
+        x, y = torch.rand(3, 8, 1, 16, 16, generator=gen), torch.randint(0, 4, (3, 8), generator=gen)
+        jobs.append((p, x, y, torch.ones(3, 4, dtype=torch.bool)))
+    refs = [stack.loss_and_grads(*j)[1] for j in jobs]
+
+    def run(i):
+        return [stack.loss_and_grads(*jobs[i])[1] for _ in range(30)]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            results = list(pool.map(run, [0, 1]))
+    finally:
+        torch.set_num_threads(threads)
+    for ref, got in zip(refs, results):
+        for g in got:
+            for name in ref:
+                torch.testing.assert_close(g[name], ref[name], msg=name)

@@ -52,16 +52,23 @@ class GroupedNet:
     """One target module (a template: its shapes, hyperparameters and frozen tensors) run for G models
     at once in the grouped layout. `generated(name)` says which parameters come stacked, (G, ...)."""
 
-    def __init__(self, module: nn.Module, generated):
+    def __init__(self, module: nn.Module, graph: fx.Graph, generated):
+        """`graph`: trace(any module of this architecture): the head size does not change it."""
         self.module = module
         self.generated = generated
-        try:
-            self.graph = fx.symbolic_trace(module).graph
-        except Exception as e:  # data-dependent control flow and the like
-            raise Unsupported(f"torch.fx cannot trace it: {e}") from e
+        self.graph = graph
         self.modules = dict(module.named_modules())
         for node in self.graph.nodes:
             self._check(node)
+
+    @staticmethod
+    def trace(module: nn.Module) -> fx.Graph:
+        """The module's forward as an fx graph. Not thread-safe: while it runs, torch.fx patches
+        nn.Module.__call__ for the whole process, so trace before worker threads run modules."""
+        try:
+            return fx.symbolic_trace(module).graph
+        except Exception as e:  # data-dependent control flow and the like
+            raise Unsupported(f"torch.fx cannot trace it: {e}") from e
 
     # -- static check: every node is one the grouped layout covers --
 

@@ -25,6 +25,7 @@ Two kinds of stacks, with the interface fit.StackedTrainer, fit.evaluate and fit
 from __future__ import annotations
 
 import logging
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +33,7 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from tina.targets import ImageSpec, Target, get_target
-from zoo_builder.grouped import GroupedNet
+from zoo_builder.grouped import GroupedNet, Unsupported
 
 log = logging.getLogger(__name__)
 HEAD_W, HEAD_B = "head.weight", "head.bias"
@@ -74,9 +75,17 @@ class FuncStack:
         # Non-generated tensors of a whole network, shared by every model; a head-only stack sees features,
         # never the frozen backbone, so it takes none.
         self.frozen = (frozen or {}) if self.kind == "images" else {}
-        self._templates: dict[int, nn.Module] = {}
-        self.dtype, self.use_grouped = dtype, grouped
+        self._local = threading.local()  # per thread: {k: template module}
+        self.dtype = dtype
         self._grouped: dict[int, GroupedNet | None] = {}
+        self._graph = None
+        if grouped:
+            # Traced here, once (every head size has the same graph), because tracing is not thread-safe and
+            # fit's worker threads call grouped() concurrently.
+            try:
+                self._graph = GroupedNet.trace(self.module(2))
+            except Unsupported as e:
+                log.info("target %s trains through vmap (%s)", self.target.name, e)
 
     @classmethod
     def head(cls, feature_dim: int) -> "FuncStack":
@@ -84,22 +93,26 @@ class FuncStack:
         return cls(_AnyHead(), feature_dim=feature_dim)
 
     def module(self, k: int) -> nn.Module:
-        if k not in self._templates:
+        """This thread's template for head size k. One per thread: functional_call swaps a group's tensors into
+        the module while it runs, so fit's worker threads sharing one template computed with each other's
+        weights (tests/test_stack.py checks they no longer do)."""
+        templates = self._local.__dict__.setdefault("templates", {})
+        if k not in templates:
             m = _Head(self.feature_dim, k) if self.kind == "features" else self.target.build(k, self.image)
-            self._templates[k] = m.eval()  # eval: a frozen part's BatchNorm (if any) uses its running statistics
-        return self._templates[k]
+            templates[k] = m.eval()  # eval: a frozen part's BatchNorm (if any) uses its running statistics
+        return templates[k]
 
     def grouped(self, k: int) -> GroupedNet | None:
         """The grouped network for head size k, or None where the target needs vmap."""
         if k not in self._grouped:
-            self._grouped[k] = self._make_grouped(k) if self.use_grouped else None
+            self._grouped[k] = self._make_grouped(k) if self._graph is not None else None
         return self._grouped[k]
 
     def _make_grouped(self, k: int) -> GroupedNet | None:
         module = self.module(k)
         is_gen = (lambda n: n in (HEAD_W, HEAD_B)) if self.kind == "features" else self.target.is_generated
         try:
-            net = GroupedNet(module, is_gen)
+            net = GroupedNet(module, self._graph, is_gen)
             # The check: two random models on three random inputs, grouped against vmap, in float32.
             # Anything the static check let through but the layout gets wrong (or that fails) shows here.
             gen = torch.Generator().manual_seed(0)
