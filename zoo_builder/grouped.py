@@ -48,6 +48,37 @@ def _flatten_from_1(args: tuple, kwargs: dict) -> bool:
     return start == 1 and end == -1
 
 
+def _is(node: fx.Node, functions: set, methods: set, modules: tuple, root: nn.Module) -> bool:
+    if node.op == "call_function":
+        return node.target in functions
+    if node.op == "call_method":
+        return node.target in methods
+    return node.op == "call_module" and isinstance(root.get_submodule(node.target), modules)
+
+
+def _pool_before_relu(graph: fx.Graph) -> None:
+    """Rewrite max_pool(relu(x)) as relu(max_pool(x)): the same values and gradients (ReLU is monotonic, so
+    the pool picks the same element and ReLU passes or zeroes it alike), with ReLU and its backward on a
+    tensor 4x smaller. ReLU and its backward were ~20% of a cnn-33k step."""
+    root = graph.owning_module
+    for relu in list(graph.nodes):
+        if not _is(relu, {F.relu, torch.relu}, {"relu"}, (nn.ReLU,), root) or len(relu.users) != 1:
+            continue
+        pool = next(iter(relu.users))
+        if not _is(pool, {F.max_pool2d}, set(), (nn.MaxPool2d,), root) or pool.args[0] is not relu:
+            continue
+        if pool.kwargs.get("return_indices") or (pool.op == "call_module" and root.get_submodule(pool.target).return_indices):
+            continue
+        if len(relu.args) != 1:  # F.relu(x, True): in place
+            continue
+        for user in list(pool.users):
+            user.replace_input_with(pool, relu)
+        pool.replace_input_with(relu, relu.args[0])
+        relu.replace_input_with(relu.args[0], pool)
+        pool.append(relu)  # relu now runs after the pool
+    graph.lint()
+
+
 class GroupedNet:
     """One target module (a template: its shapes, hyperparameters and frozen tensors) run for G models
     at once in the grouped layout. `generated(name)` says which parameters come stacked, (G, ...)."""
@@ -66,9 +97,11 @@ class GroupedNet:
         """The module's forward as an fx graph. Not thread-safe: while it runs, torch.fx patches
         nn.Module.__call__ for the whole process, so trace before worker threads run modules."""
         try:
-            return fx.symbolic_trace(module).graph
+            graph = fx.symbolic_trace(module).graph
         except Exception as e:  # data-dependent control flow and the like
             raise Unsupported(f"torch.fx cannot trace it: {e}") from e
+        _pool_before_relu(graph)
+        return graph
 
     # -- static check: every node is one the grouped layout covers --
 
