@@ -203,7 +203,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--target", default="cnn-5k", help="any registered target (cnn-5k, cnn-33k, resnet20+linear, ...)")
     ap.add_argument("--rows", default="generic,fast,loop",
                     help="CPU rows: generic (zoo_builder/stack.py as the build runs it), generic-bf16 (its convolutions in "
-                         "bfloat16), vmap (stack.py's vmap fallback), fast (cnn-5k's C kernels + manual backward), loop, "
+                         "bfloat16), vmap (stack.py's vmap fallback), fast (cnn-5k's C kernels + manual backward), loop, loop1 (the loop on "
+                         "one thread: beside other processes, the 2-thread loop loses most to their preemptions), "
                          "and the extra variants threads, bf16, loop-variants")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
@@ -244,8 +245,10 @@ def main(argv=None) -> dict:
                                                                                                target=tgt, generic=True, grouped=False)),
             f"fast path cnn-5k ({T} workers x 1 thread)": (tasks, lambda ts, n: run_batched(data, init, ts, n, B, group, T, 1, per_call)),
             f"loop {tgt}, nn.Module (NCHW)": (loop_tasks, lambda ts, n: run_loop(data, init, ts, n, B, T, False, target=tgt)),
+            f"loop {tgt}, nn.Module (NCHW, 1 thread)": (loop_tasks, lambda ts, n: run_loop(data, init, ts, n, B, 1, False, target=tgt)),
         }  # fmt: skip
-        keep = ["generic" in want, "generic-bf16" in want, "vmap" in want, "fast" in want and tgt == "cnn-5k", "loop" in want]
+        keep = ["generic" in want, "generic-bf16" in want, "vmap" in want, "fast" in want and tgt == "cnn-5k", "loop" in want,
+                "loop1" in want]
         runs = {name: r for (name, r), k in zip(runs.items(), keep) if k}
         extra = {
             f"batched ({T} workers x 1 thread)": (tasks, lambda ts, n: run_batched(data, init, ts, n, B, group, T, 1, per_call)),
