@@ -237,4 +237,5 @@ class GroupedNet:
             t = {a: self._tensor(f"{name}.{a}", p, frozen, G, stacked=False)
                  for a in ("running_mean", "running_var", "weight", "bias")}  # fmt: skip
             return F.batch_norm(h.float(), t["running_mean"], t["running_var"], t["weight"], t["bias"], False, 0.0, m.eps)
-        return m(h)  # per channel, or flatten(1)
+        # forward, not __call__: a torch.fx trace on another thread patches nn.Module.__call__ while it runs.
+        return m.forward(h)  # per channel, or flatten(1)

@@ -50,6 +50,11 @@ class _Head(nn.Module):
         return self.head(f)  # (B, k)
 
 
+# Traced once, at import: tracing is not thread-safe, and fit_group builds a FuncStack.head on worker threads.
+# Every head stack shares this graph (neither feature_dim nor k changes it).
+_HEAD_GRAPH = GroupedNet.trace(_Head(1, 1))
+
+
 class _AnyHead(Target):
     """Just a linear head (not registered): FuncStack.head."""
 
@@ -79,9 +84,11 @@ class FuncStack:
         self.dtype = dtype
         self._grouped: dict[int, GroupedNet | None] = {}
         self._graph = None
-        if grouped:
-            # Traced here, once (every head size has the same graph), because tracing is not thread-safe and
-            # fit's worker threads call grouped() concurrently.
+        if grouped and self.kind == "features":
+            self._graph = _HEAD_GRAPH
+        elif grouped:
+            # Traced here, once (every head size has the same graph), because tracing is not thread-safe (torch.fx
+            # patches nn.Module.__call__ process-wide) and fit's worker threads share this stack.
             try:
                 self._graph = GroupedNet.trace(self.module(2))
             except Unsupported as e:
