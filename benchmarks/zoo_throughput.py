@@ -85,11 +85,12 @@ def tasks_for(models: int, k: int, num_classes: int = 10) -> list[list[int]]:
 
 
 def run_batched(data, init, tasks, steps, batch, group_size, workers, threads, per_call, dtype=torch.float32,
-                target: str = "cnn-5k", generic: bool = False) -> float:
+                target: str = "cnn-5k", generic: bool = False, grouped: bool = True) -> float:
     """Seconds to fine-tune every task with zoo_builder.fit (training only, no evaluation), on data's device:
     through the generic trainer (zoo_builder/stack.py) or, for cnn-5k, its fast path (fit.StackedCNN5k)."""
     if generic or target != "cnn-5k":
-        net = FuncStack(target, IMAGE, feature_dim=data.train.shape[1] if data.train.dtype != torch.uint8 else None)
+        net = FuncStack(target, IMAGE, feature_dim=data.train.shape[1] if data.train.dtype != torch.uint8 else None,
+                        dtype=dtype, grouped=grouped)
     else:
         net = fit.StackedCNN5k(1, 28, dtype)
     dev = data.train.device
@@ -201,7 +202,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--matmul-size", type=int, default=2048, help="side of the reference float32 matmul")
     ap.add_argument("--target", default="cnn-5k", help="any registered target (cnn-5k, cnn-33k, resnet20+linear, ...)")
     ap.add_argument("--rows", default="generic,fast,loop",
-                    help="CPU rows: generic (zoo_builder/stack.py), fast (cnn-5k's C kernels + manual backward), loop, "
+                    help="CPU rows: generic (zoo_builder/stack.py as the build runs it), generic-bf16 (its convolutions in "
+                         "bfloat16), vmap (stack.py's vmap fallback), fast (cnn-5k's C kernels + manual backward), loop, loop1 (the loop on "
+                         "one thread: beside other processes, the 2-thread loop loses most to their preemptions), "
                          "and the extra variants threads, bf16, loop-variants")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
@@ -236,10 +239,16 @@ def main(argv=None) -> dict:
         runs = {
             f"generic {tgt} ({T} workers x 1 thread)": (tasks, lambda ts, n: run_batched(data, init, ts, n, B, group, T, 1, per_call,
                                                                                           target=tgt, generic=True)),
+            f"generic bf16 {tgt} ({T} workers x 1 thread)": (tasks, lambda ts, n: run_batched(data, init, ts, n, B, group, T, 1, per_call,
+                                                                                               torch.bfloat16, target=tgt, generic=True)),
+            f"generic vmap {tgt} ({T} workers x 1 thread)": (tasks, lambda ts, n: run_batched(data, init, ts, n, B, group, T, 1, per_call,
+                                                                                               target=tgt, generic=True, grouped=False)),
             f"fast path cnn-5k ({T} workers x 1 thread)": (tasks, lambda ts, n: run_batched(data, init, ts, n, B, group, T, 1, per_call)),
             f"loop {tgt}, nn.Module (NCHW)": (loop_tasks, lambda ts, n: run_loop(data, init, ts, n, B, T, False, target=tgt)),
+            f"loop {tgt}, nn.Module (NCHW, 1 thread)": (loop_tasks, lambda ts, n: run_loop(data, init, ts, n, B, 1, False, target=tgt)),
         }  # fmt: skip
-        keep = ["generic" in want, "fast" in want and tgt == "cnn-5k", "loop" in want]
+        keep = ["generic" in want, "generic-bf16" in want, "vmap" in want, "fast" in want and tgt == "cnn-5k", "loop" in want,
+                "loop1" in want]
         runs = {name: r for (name, r), k in zip(runs.items(), keep) if k}
         extra = {
             f"batched ({T} workers x 1 thread)": (tasks, lambda ts, n: run_batched(data, init, ts, n, B, group, T, 1, per_call)),

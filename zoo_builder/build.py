@@ -46,9 +46,7 @@ def _fit_net(cfg: ZooConfig, image, layout: ParamLayout, state: dict[str, torch.
     which keeps its hand-written fast path (fit.StackedCNN5k; benchmarks/zoo_throughput.py)."""
     if cfg.target == "cnn-5k":
         return fit.StackedCNN5k(image.channels, image.size, cfg.finetune.dtype)
-    if cfg.finetune.precision != "fp32":
-        log.warning("finetune.precision=%s applies to cnn-5k only; %s trains in float32", cfg.finetune.precision, cfg.target)
-    return FuncStack(cfg.target, image, layout.feature_dim, frozen={n: state[n] for n in layout.frozen})
+    return FuncStack(cfg.target, image, layout.feature_dim, frozen={n: state[n] for n in layout.frozen}, dtype=cfg.finetune.dtype)
 
 
 def prepare(cfg: ZooConfig, zoo: Path, dataset) -> tuple[dict, dict | None]:

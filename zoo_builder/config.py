@@ -69,8 +69,9 @@ class FinetuneConfig:
     train_per_class: int = 0  # training images per class a task may use (0 = all)
     eval_per_class: int = 300  # fixed test images per class for oracle / selection accuracy
     eval_chunk: int = 128  # evaluation images per model per forward pass
-    # Arithmetic of the cnn-5k convolutions in training: "bf16" runs them in bfloat16 (float32 master
-    # weights, head, loss and Adam), ~1.3x faster on CPUs with AVX512-BF16 and on GPUs; "fp32" is exact.
+    # Arithmetic of the convolutions in training: "bf16" runs them in bfloat16 (float32 master weights,
+    # head, loss and Adam), ~1.3x (cnn-5k) to ~1.8x (cnn-33k) faster on CPUs with AVX512-BF16 and on GPUs;
+    # "fp32" is exact. The generic trainer's vmap fallback (zoo_builder/stack.py) is float32 only.
     # Oracle and selection accuracy are always measured in float32.
     precision: str = "fp32"
     seed: int = 0
