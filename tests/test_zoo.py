@@ -362,7 +362,10 @@ def test_groups_spanning_shards_build_the_same_zoo(tiny_zoo, tmp_path):
     ref, got = {s["__key__"]: s for s in ref}, {s["__key__"]: s for s in got}
     assert ref.keys() == got.keys()
     for key, s in ref.items():
-        np.testing.assert_allclose(got[key]["params.npy"], s["params.npy"], rtol=1e-4, atol=1e-5, err_msg=key)
+        # other group shapes sum in other orders (oneDNN and the C kernels block by group); over the fine-tuning
+        # steps those 1-ulp differences grow to ~1e-4 on weights of ~0.1-1, while mixing two models' data or
+        # gradients would move them by 1e-2 and more
+        np.testing.assert_allclose(got[key]["params.npy"], s["params.npy"], rtol=1e-3, atol=2e-4, err_msg=key)
         if s["metrics.json"]["split"] == "unseen_class":
             # a held-out class borrows its nearest known class's row: when both are in the task their logits tie
             # exactly, and a 1-ulp difference from another group shape breaks the tie the other way
