@@ -220,7 +220,8 @@ def row(target: str, zoo: dict, train: dict, ev: dict, latency: dict | None, cou
     return {
         "target": target, **counts,
         "zoo": {"models": zoo["models"], "wall_s": zoo["wall_s"], "cpu_s": zoo["cpu_s"],
-                "generic_test_acc": zoo.get("generic", {}).get("test_acc")},
+                "generic_test_acc": zoo.get("generic", {}).get("test_acc"), "generic_s": zoo.get("generic", {}).get("seconds"),
+                "metrics": zoo.get("metrics")},  # the builder's own oracle / selection accuracy per split
         "train": {"steps": train["key"]["steps"], "batch_size": train["key"]["batch_size"], "size": train["key"]["size"],
                   "generator_parameters": train["generator_parameters"], "wall_s": train["wall_s"], "cpu_s": train["cpu_s"],
                   "fit_s": train.get("fit_s")},
