@@ -230,6 +230,8 @@ def row(target: str, zoo: dict, train: dict, ev: dict, latency: dict | None, cou
         "train": {"steps": train["key"]["steps"], "batch_size": train["key"]["batch_size"], "size": train["key"]["size"],
                   "generator_parameters": train["generator_parameters"], "wall_s": train["wall_s"], "cpu_s": train["cpu_s"],
                   "fit_s": train.get("fit_s")},
+        # 1-, 5- and 15-minute load averages when each stage ended: how shared the CPU was while it was timed
+        "load_average_end": {"zoo": zoo.get("load_average_end"), "train": train.get("load_average_end")},
         "eval": {"tasks": s["tasks"], "wall_s": ev["wall_s"], "generated": h["generated"],
                  **{b: base[b]["mean"] for b in BASELINES if b in base},
                  "ratio_to_oracle": h.get("ratio_to_oracle"), "gain_captured": h.get("gain_captured"), "differences": diffs},
@@ -281,7 +283,11 @@ def markdown(res: dict) -> str:
     lines += ["", "Paired bootstrap 95% intervals (tasks resampled, both methods on the same images):", ""]
     for r in rows:
         lines.append(f"- **{r['target']}**: " + "; ".join(verdict(r)) + ".")
-    lines += ["", "## What it says", ""] + [f"- {s}" for s in res["summary"]]
+    lines += ["", "Load average (1/5/15 min) when each stage ended, on 2 CPUs: "
+              + "; ".join(f"{r['target']} zoo {r['load_average_end']['zoo']}, train {r['load_average_end']['train']}" for r in rows)
+              + ". Wall times are only comparable between stages run on an equally quiet machine; CPU seconds "
+              "(user + system, all threads) less so affected.", ""]
+    lines += ["## What it says", ""] + [f"- {s}" for s in res["summary"]]
     lines += ["", "## Reproduce", "", "```bash", res["command"], "```", "",
               "Zoos, generators and evaluations land in "
               f"`{c['out']}/<target>/`; each stage is skipped when its record matches the settings.", ""]
@@ -374,8 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int)
     ap.add_argument("--eval-tasks", type=int)
     ap.add_argument("--threads", type=int)
-    ap.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES),
-                    help="stages to run; the others are read from their records")
+    ap.add_argument("--stages", nargs="*", choices=STAGES, default=list(STAGES),
+                    help="stages to run; the others are read from their records (none: only re-assemble the results)")
     ap.add_argument("--no-write", action="store_true", help="do not write json_out / md_out (e.g. one target of several)")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
