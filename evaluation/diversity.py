@@ -20,10 +20,12 @@ from evaluation.scoring import accuracies, disagreement, flat_probs
 
 
 def measure(tina, tasks: list, test_sets: list[tuple], cfg: DiversityConfig, seed: int, batch_size: int,
-            eval_batch: int = 4096, device="cpu") -> dict:
-    """tasks: tina.sample.Task per task (names prompts); test_sets: (x, y) per task. DDIM throughout."""
+            eval_batch: int = 4096, device="cpu", guidance: float | None = None) -> dict:
+    """tasks: tina.sample.Task per task (names prompts); test_sets: (x, y) per task. DDIM throughout, at the
+    evaluation's guidance (None: the checkpoint's), so the one-step mean here is the model the other tables score."""
     bundle = tina.bundle
-    guidance = bundle.meta.get("sampling", {}).get("guidance", 1.0)
+    if guidance is None:
+        guidance = bundle.meta.get("sampling", {}).get("guidance", 1.0)
 
     def flats_for(steps: int, seeds: list[int]) -> dict:
         out = {}

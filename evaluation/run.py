@@ -232,7 +232,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         results["diversity"] = {"split": ds, **measure(
             tina, [tasks_by_form[(ds, "names", i)] for i in range(len(chosen))],
             [task_test_set(dataset, m["class_ids"], per_class) for m in chosen], cfg.diversity, cfg.seed, cfg.batch_size,
-            cfg.eval_batch, cfg.device)}
+            cfg.eval_batch, cfg.device, cfg.guidance)}
         if results.get("novelty"):
             results["diversity"]["zoo_same_set_disagreement"] = (
                 1.0 - results["novelty"]["splits"].get(ds, next(iter(results["novelty"]["splits"].values())))["same_set_agreement"]
