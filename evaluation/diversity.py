@@ -23,9 +23,10 @@ def measure(tina, tasks: list, test_sets: list[tuple], cfg: DiversityConfig, see
             eval_batch: int = 4096, device="cpu", guidance: float | None = None) -> dict:
     """tasks: tina.sample.Task per task (names prompts); test_sets: (x, y) per task. DDIM throughout, at the
     evaluation's guidance (None: the checkpoint's), so the one-step mean here is the model the other tables score."""
+    from tina.diffusion import resolve_sampling
+
     bundle = tina.bundle
-    if guidance is None:
-        guidance = bundle.meta.get("sampling", {}).get("guidance", 1.0)
+    guidance = resolve_sampling(bundle.meta.get("sampling", {}), guidance=guidance).guidance
 
     def flats_for(steps: int, seeds: list[int]) -> dict:
         out = {}
