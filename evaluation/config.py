@@ -109,6 +109,7 @@ class EvalConfig:
     steps: Optional[int] = None  # sampling steps (default: the checkpoint's)
     sampler: Optional[str] = None  # ddim, dpm or ddpm (default: the checkpoint's)
     guidance: Optional[float] = None  # classifier-free guidance scale (default: the checkpoint's)
+    strength: Optional[float] = None  # multi-step samples start from the mean noised to this (default: the checkpoint's)
     images_per_class: int = 100  # test images per class (the first ones; 0 = all)
     forms: list[str] = field(default_factory=lambda: list(FORMS))  # prompt forms (see FORMS)
     image_shots: list[int] = field(default_factory=lambda: [1, 5])  # image prompts: train images per class
@@ -141,7 +142,7 @@ class EvalConfig:
             raise ValueError(f"image_shots must be positive, got {self.image_shots}")
         from tina.validate import check_sampling
 
-        check_sampling(steps=self.steps, guidance=self.guidance)  # NaN guidance would score as chance
+        check_sampling(steps=self.steps, guidance=self.guidance, strength=self.strength)  # NaN guidance would score as chance
 
 
 def load_eval_config(path: str | None = None, overrides: list[str] | tuple = ()) -> EvalConfig:

@@ -20,19 +20,21 @@ from evaluation.scoring import accuracies, disagreement, flat_probs
 
 
 def measure(tina, tasks: list, test_sets: list[tuple], cfg: DiversityConfig, seed: int, batch_size: int,
-            eval_batch: int = 4096, device="cpu", guidance: float | None = None) -> dict:
+            eval_batch: int = 4096, device="cpu", guidance: float | None = None, strength: float | None = None) -> dict:
     """tasks: tina.sample.Task per task (names prompts); test_sets: (x, y) per task. DDIM throughout, at the
-    evaluation's guidance (None: the checkpoint's), so the one-step mean here is the model the other tables score."""
+    evaluation's guidance and strength (None: the checkpoint's), so the one-step mean here is the model the
+    other tables score and the samples are what `tina generate --steps S` draws."""
     from tina.diffusion import resolve_sampling
 
     bundle = tina.bundle
-    guidance = resolve_sampling(bundle.meta.get("sampling", {}), guidance=guidance).guidance
+    settings = resolve_sampling(bundle.meta.get("sampling", {}), guidance=guidance, strength=strength)
+    guidance, strength = settings.guidance, settings.strength
 
     def flats_for(steps: int, seeds: list[int]) -> dict:
         out = {}
         for sd in seeds:
             got = generate_flats(tina, [(i, t) for i, t in enumerate(tasks)], sd, batch_size, steps=steps, sampler="ddim",
-                                 guidance=guidance)
+                                 guidance=guidance, strength=strength)
             out.update({(i, sd): f for i, f in got.items()})
         return out
 
@@ -60,5 +62,5 @@ def measure(tina, tasks: list, test_sets: list[tuple], cfg: DiversityConfig, see
             "ensemble_minus_mean_model": float(np.mean(ens) - np.mean(mean_acc)),
             "per_task": {"single": single.round(5).tolist(), "ensemble": ens, "disagreement": dis},
         }
-    return {"tasks": len(tasks), "samples": len(seeds), "sampler": "ddim", "guidance": guidance,
+    return {"tasks": len(tasks), "samples": len(seeds), "sampler": "ddim", "guidance": guidance, "strength": strength,
             "mean_model": {"steps": 1, "acc": float(np.mean(mean_acc)), "per_task": mean_acc}, "by_steps": by_steps}

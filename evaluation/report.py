@@ -119,7 +119,7 @@ def _diversity(r: dict) -> list[str]:
     zoo = dv.get("zoo_same_set_disagreement")
     lines = ["## Diversity and multi-step sampling", "",
              f"{dv['tasks']} {SPLIT_TITLES.get(dv['split'], dv['split'])} tasks, {dv['samples']} samples each ({dv['sampler']}, "
-             f"guidance {dv['guidance']}). Mean model (1 step): **{dv['mean_model']['acc']:.4f}**. "
+             f"guidance {dv['guidance']}, strength {dv.get('strength', 1.0)}). Mean model (1 step): **{dv['mean_model']['acc']:.4f}**. "
              f"Disagreement between two training runs of the same class set: {_num(zoo, '.4f')}.", "",
              "| steps | single sample | − mean model | pairwise disagreement | ensemble of samples | − mean model |",
              "|---|---|---|---|---|---|"]

@@ -112,7 +112,8 @@ def evaluate(cfg: EvalConfig) -> dict:
                             imgs = sample_images(dataset, m["class_ids"], n, rng)
                             task = tina.make_task(classes=list(m["classes"]), images=dict(zip(m["classes"], imgs)))
                             items.append((((s, f, i), seed), task))
-            for ((s, f, i), sd), flat in generate_flats(tina, items, seed, cfg.batch_size, bar, steps=cfg.steps, guidance=cfg.guidance, sampler=cfg.sampler).items():
+            for ((s, f, i), sd), flat in generate_flats(tina, items, seed, cfg.batch_size, bar, steps=cfg.steps, guidance=cfg.guidance, sampler=cfg.sampler,
+                                                          strength=cfg.strength).items():
                 perm = perms.get((s, f, i))
                 if perm:  # generated row j belongs to class perm[j]: put it back in the task's order
                     rows = head_rows(layout, flat)
@@ -232,7 +233,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         results["diversity"] = {"split": ds, **measure(
             tina, [tasks_by_form[(ds, "names", i)] for i in range(len(chosen))],
             [task_test_set(dataset, m["class_ids"], per_class) for m in chosen], cfg.diversity, cfg.seed, cfg.batch_size,
-            cfg.eval_batch, cfg.device, cfg.guidance)}
+            cfg.eval_batch, cfg.device, cfg.guidance, cfg.strength)}
         if results.get("novelty"):
             results["diversity"]["zoo_same_set_disagreement"] = (
                 1.0 - results["novelty"]["splits"].get(ds, next(iter(results["novelty"]["splits"].values())))["same_set_agreement"]

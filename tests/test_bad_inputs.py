@@ -163,6 +163,7 @@ def _cases():
         "seed_text": ["--seed", "lucky"], "threads_neg": ["--threads", "-1"], "threads_text": ["--threads", "x"],
         "guidance_neg": ["--guidance", "-5"], "guidance_nan": ["--guidance", "nan"], "guidance_inf": ["--guidance", "inf"],
         "guidance_ninf": ["--guidance", "-inf"], "guidance_huge": ["--guidance", "1e9"], "guidance_text": ["--guidance", "lots"],
+        "strength_0": ["--strength", "0"], "strength_big": ["--strength", "1.5"], "strength_nan": ["--strength", "nan"],
         "sampler": ["--sampler", "euler-magic"], "format": ["--format", "exe"], "device": ["--device", "tpu:9"],
         "device_cuda": ["--device", "cuda:7"], "classes_and_prompt": ["--classes", "coat", "bag"],
         "image_no_eq": ["--image", "coat.png"], "image_missing": ["--image", "coat={w}/missing.png"],

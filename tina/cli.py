@@ -75,7 +75,8 @@ def cmd_generate(args) -> int:
     print(a.summary())
     for w in task.warnings:
         print(f"warning: {printable(w)}", file=sys.stderr)
-    model = tina.generate_tasks([task], seed=args.seed, steps=args.steps, guidance=args.guidance, sampler=args.sampler)[0]
+    model = tina.generate_tasks([task], seed=args.seed, steps=args.steps, guidance=args.guidance, sampler=args.sampler,
+                                strength=args.strength)[0]
     model.tina_info |= {"routing": decision.info(), "allowed_unknown": bool(unknown)}
     out = Path(args.output) if args.output else Path("generated") / _slug(task.classes)
     save_generated(model, out, formats=tuple(args.format), backbone=args.backbone)
@@ -192,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, default=None, help="sampling steps (default: the checkpoint's)")
     g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = none)")
     g.add_argument("--sampler", choices=SAMPLERS, default=None)
+    g.add_argument("--strength", type=float, default=None,
+                   help="with --steps > 1: start from the one-step mean noised to this fraction of the schedule "
+                   "(0.5 keeps samples near the mean; 1 = from pure noise; default: the checkpoint's)")
     g.add_argument("--device", default="cpu")
     g.add_argument("--format", nargs="+", default=["pt2"], choices=["pt2", "onnx"], help="export formats")
     g.add_argument("--backbone", metavar="FILE", help="head-on-backbone targets: keep the frozen backbone in this shared "

@@ -54,23 +54,25 @@ class SamplingSettings:
     steps: int
     guidance: float
     sampler: str
+    strength: float = 1.0  # multi-step sampling starts at this fraction of the noise schedule (sample_tokens)
 
 
 def resolve_sampling(defaults: dict, seed: int = 0, steps: int | None = None, guidance: float | None = None,
-                     sampler: str | None = None) -> SamplingSettings:
+                     sampler: str | None = None, strength: float | None = None) -> SamplingSettings:
     """The one place generation settings are checked: the library (Tina.generate_tasks), the CLI (its flags
     reach the library unchanged; check_args runs the same range checks before any loading) and the demo.
 
     None takes the checkpoint's default (`defaults`: bundle.json "sampling"); then every value is checked,
     defaults included (a hand-edited bundle.json is input too). TinaError names the setting."""
-    check_sampling(seed, steps, guidance)
+    check_sampling(seed, steps, guidance, strength)
     steps = defaults.get("steps", 25) if steps is None else steps
     guidance = defaults.get("guidance", 1.0) if guidance is None else guidance
+    strength = defaults.get("strength", 1.0) if strength is None else strength
     sampler = sampler or defaults.get("sampler", "ddim")
     if sampler not in SAMPLERS:
         raise TinaError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
-    check_sampling(seed, steps, guidance)
-    return SamplingSettings(seed, steps, float(guidance), sampler)
+    check_sampling(seed, steps, guidance, strength)
+    return SamplingSettings(seed, steps, float(guidance), sampler, float(strength))
 
 
 def scheduler_config(cfg: DiffusionConfig) -> dict:
@@ -189,8 +191,15 @@ def sample_tokens(
     noise: torch.Tensor | None = None,  # (N, T, C); drawn from `generator` when None
     generator: torch.Generator | None = None,
     use_scheduler: bool = False,  # run diffusers' scheduler even where one_step_x0 makes it unnecessary (tests)
+    strength: float = 1.0,
 ) -> torch.Tensor:
-    """Run the reverse process; returns normalised x0 tokens (N, T, C)."""
+    """Run the reverse process; returns normalised x0 tokens (N, T, C).
+
+    strength < 1 (with steps > 1): start from the one-step conditional mean, noised back to timestep
+    strength x T, and run only the sampler's timesteps from there (SDEdit, Meng et al. 2022). From pure
+    noise the generators' low-noise steps, which high-noise training leaves weak, carry the whole sample
+    away from the mean (-1.6 points at 25 steps on Fashion-MNIST val); from half-way they stay within
+    1 point of it and still differ from one another (README, Diversity)."""
     if steps < 1:
         raise TinaError(f"--steps must be at least 1, got {steps}")
     N, K, _ = cond.shape
@@ -201,8 +210,18 @@ def sample_tokens(
         return _predict(model, x, t, cond, cond_mask, guidance)  # (N, T, C) the x0 prediction
     sched = make_scheduler(config, sampler)
     sched.set_timesteps(steps, device=cond.device)
-    x = x * sched.init_noise_sigma
-    for t in sched.timesteps:
+    timesteps = sched.timesteps
+    if strength < 1 and steps > 1:
+        # The mean from the same seeded noise (one DDIM step returns the x0 estimate for any prediction type).
+        mean = sample_tokens(model, config, cond, cond_mask, sampler="ddim", steps=1, guidance=guidance, noise=x)
+        begin = min(int((timesteps > strength * config["num_train_timesteps"]).sum()), len(timesteps) - 1)
+        timesteps = timesteps[begin:]
+        if hasattr(sched, "set_begin_index"):  # multistep solvers index their state from here
+            sched.set_begin_index(begin)
+        x = sched.add_noise(mean, x, timesteps[:1])
+    else:
+        x = x * sched.init_noise_sigma
+    for t in timesteps:
         x_in = sched.scale_model_input(x, t)
         pred = _predict(model, x_in, t.expand(N).to(cond.device), cond, cond_mask, guidance)
         x = sched.step(pred, t, x, generator=generator).prev_sample if sampler == "ddpm" else sched.step(pred, t, x).prev_sample

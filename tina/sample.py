@@ -155,9 +155,10 @@ class Tina:
     @torch.no_grad()
     def generate_tasks(
         self, tasks: list[Task], seed: int = 0, steps: int | None = None, guidance: float | None = None, sampler: str | None = None,
+        strength: float | None = None,
     ) -> list[TargetNet]:
         """All tasks in one batched reverse process (tasks of different k are padded and masked)."""
-        settings = resolve_sampling(self.bundle.meta.get("sampling", {}), seed, steps, guidance, sampler)
+        settings = resolve_sampling(self.bundle.meta.get("sampling", {}), seed, steps, guidance, sampler, strength)
         seed, steps, guidance, sampler = settings.seed, settings.steps, settings.guidance, settings.sampler
         t0 = time.perf_counter()
         K = max(len(t.classes) for t in tasks)
@@ -169,7 +170,7 @@ class Tina:
         noise = initial_noise(seed, [self.bundle.dit.num_tokens(len(t.classes)) for t in tasks], self.bundle.layout.token_size)
         tokens = sample_tokens(
             self.bundle.dit, self.bundle.scheduler_config, cond.to(self.device), None if bool(mask.all()) else mask.to(self.device),
-            sampler=sampler, steps=steps, guidance=guidance, noise=noise.to(self.device),
+            sampler=sampler, steps=steps, guidance=guidance, noise=noise.to(self.device), strength=settings.strength,
         ).float().cpu()
         models = []
         layout = self.bundle.layout
@@ -179,7 +180,7 @@ class Tina:
             imprint(net, t.imprint)
             net.tina_info = {
                 "prompt": t.prompt, "classes": t.classes, "seed": seed, "steps": steps, "guidance": guidance,
-                "sampler": sampler, "warnings": t.warnings, "imprinted": [t.classes[c] for c in sorted(t.imprint)], "generator_fingerprint": layout.fingerprint,
+                "sampler": sampler, "strength": settings.strength, "warnings": t.warnings, "imprinted": [t.classes[c] for c in sorted(t.imprint)], "generator_fingerprint": layout.fingerprint,
                 "checkpoint": str(self.bundle.path) if self.bundle.path else None,
                 **(t.assessment.info() if t.assessment is not None else {}),
                 "seconds": time.perf_counter() - t0,
@@ -189,11 +190,11 @@ class Tina:
 
     def generate(self, prompt: str | None = None, *, classes: list[str] | None = None, images: dict | None = None,
                  seed: int = 0, steps: int | None = None, guidance: float | None = None, sampler: str | None = None,
-                 imprint: bool = False) -> TargetNet:
+                 strength: float | None = None, imprint: bool = False) -> TargetNet:
         """One model: `prompt` ("classify X vs Y") or explicit `classes`; `images` {class: (n,C,H,W)},
         with `imprint` also building those classes' head rows from the images (tina/imprint.py)."""
         task = self.make_task(prompt, classes, images, imprint)
-        return self.generate_tasks([task], seed=seed, steps=steps, guidance=guidance, sampler=sampler)[0]
+        return self.generate_tasks([task], seed=seed, steps=steps, guidance=guidance, sampler=sampler, strength=strength)[0]
 
     def generate_many(self, prompts: list[str | list[str]], seed: int = 0, **kw) -> list[TargetNet]:
         """Many models in one batched call; each item is a prompt or a list of class names."""

@@ -96,7 +96,8 @@ def _finite(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def check_sampling(seed: int | None = None, steps: int | None = None, guidance: float | None = None) -> None:
+def check_sampling(seed: int | None = None, steps: int | None = None, guidance: float | None = None,
+                   strength: float | None = None) -> None:
     """Sampling settings as given to `generate` (None = the checkpoint's default)."""
     if seed is not None and not (isinstance(seed, int) and 0 <= seed <= MAX_SEED):
         raise TinaError(f"seed must be an integer in 0..2**63-1, got {seed}")
@@ -104,12 +105,14 @@ def check_sampling(seed: int | None = None, steps: int | None = None, guidance: 
         raise TinaError(f"steps must be an integer in 1..{MAX_STEPS}, got {steps}")
     if guidance is not None and not (_finite(guidance) and 0 <= guidance <= MAX_GUIDANCE):
         raise TinaError(f"guidance must be a finite number in 0..{MAX_GUIDANCE:g} (1 = no guidance), got {guidance}")
+    if strength is not None and not (_finite(strength) and 0 < strength <= 1):
+        raise TinaError(f"strength must be a number in (0, 1] (1 = sample from pure noise), got {strength}")
 
 
 def check_args(args) -> None:
     """The `tina` subcommands' own arguments (delegated subcommands check theirs in their configs)."""
     if args.command == "generate":
-        check_sampling(args.seed, args.steps, args.guidance)
+        check_sampling(args.seed, args.steps, args.guidance, args.strength)
         if args.threads < 0:
             raise TinaError(f"--threads must be >= 0 (0 = torch's default), got {args.threads}")
         if args.prompt is not None and args.classes:
