@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sampler", choices=SAMPLERS, default=None)
     g.add_argument("--strength", type=float, default=None,
                    help="with --steps > 1: start from the one-step mean noised to this fraction of the schedule "
-                   "(0.5 keeps samples near the mean; 1 = from pure noise; default: the checkpoint's)")
+                   "(lower keeps samples nearer the mean; 1 = from pure noise; default: the checkpoint's)")
     g.add_argument("--device", default="cpu")
     g.add_argument("--format", nargs="+", default=["pt2"], choices=["pt2", "onnx"], help="export formats")
     g.add_argument("--backbone", metavar="FILE", help="head-on-backbone targets: keep the frozen backbone in this shared "
