@@ -8,6 +8,7 @@ One module per measurement, each with `run(...) -> dict` and its own `python -m 
   generation.py        prompt → model latency, warm (in process) and cold (`tina generate` subprocess),
                        beside the time to fine-tune the same task to the same accuracy; peak memory
   scaling.py           accuracy vs zoo size and vs generator size (plots + JSON)
+  conv_layers.py       each cnn-33k convolution in the grouped layout (and rewrites of the first), fwd + bwd
 
 The helpers below are shared: timing, peak memory and the printed table.
 """
