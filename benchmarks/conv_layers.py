@@ -19,6 +19,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from benchmarks import median
+
 LAYERS = ((1, 16, 28), (16, 32, 14), (32, 64, 7))  # cnn-33k on 28-px images: (in, out channels, size) per model
 
 
@@ -33,7 +35,7 @@ def _time(fn, repeats: int) -> float:
         y = fn()
         y.backward(torch.ones_like(y))
         times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+    return median(times)
 
 
 def run(models: int = 12, batch: int = 32, repeats: int = 10) -> dict:
