@@ -3,8 +3,10 @@
 A deterministic network maps the same per-class text embeddings the generator sees to the same targets
 the generator learns (the normalised residual tokens from classifier selection, tina/anchor.py, built by
 tina.training.data's stream with the generator's own augmentations), trained on the same zoo for the same number
-of steps and batch size, by mean squared error; at generation time one forward pass, and the same
-tokens -> weights function as `tina generate` (tina.weights.tokens_to_flat).
+of steps and batch size, by mean squared error; when the generator's own run added a task loss
+(tina/training/task_loss.py), the hypernetwork adds it with the same weight over the same number of final steps
+(a generator warm-started from an MSE-only one had it only for its own run's steps). At generation time one
+forward pass, and the same tokens -> weights function as `tina generate` (tina.weights.tokens_to_flat).
 
 Like the DiT it is permutation-equivariant in the classes (Deep Sets): each class is embedded alone, the
 set's context is the mean over classes, a class's head tokens come from (its embedding, the context) and
@@ -65,28 +67,37 @@ def generator_budget(bundle, cfg: HypernetConfig) -> dict:
             "source": "generator" if not (cfg.steps or cfg.batch_size) else "config"}
 
 
-def augment_config(bundle):
-    """The generator's augmentations (its config.yaml), else tina.training.data's defaults."""
+def generator_section(bundle, name: str, schema):
+    """Section `name` of the generator's config.yaml as `schema` (unknown keys dropped), else the schema's defaults."""
     import yaml
 
-    from tina.training.data import AugmentConfig
-
+    section = {}
     if bundle.path is not None and (bundle.path / "config.yaml").is_file():
-        aug = (yaml.safe_load((bundle.path / "config.yaml").read_text()) or {}).get("augment") or {}
-        return AugmentConfig(**{k: v for k, v in aug.items() if k in AugmentConfig.__dataclass_fields__})
-    return AugmentConfig()
+        section = (yaml.safe_load((bundle.path / "config.yaml").read_text()) or {}).get(name) or {}
+    return schema(**{k: v for k, v in section.items() if k in schema.__dataclass_fields__})
 
 
-def train_hypernet(bundle, zoo, cfg: HypernetConfig, device: str | torch.device = "cpu") -> tuple[HyperNet, dict]:
-    """Train on the zoo's train shards (tina.training.data.ZooStream, the generator's pipeline); returns the net and a record."""
-    from tina.training.data import ZooStream, collate, read_manifest, shard_urls
+def train_hypernet(bundle, zoo, cfg: HypernetConfig, device: str | torch.device = "cpu", dataset=None) -> tuple[HyperNet, dict]:
+    """Train on the zoo's train shards (tina.training.data.ZooStream, the generator's pipeline); returns the net and a record.
+    `dataset`: the zoo's images, for the task loss when the generator was trained with one (its train split only)."""
+    from tina.training.data import AugmentConfig, ZooStream, collate, read_manifest, shard_urls
+    from tina.training.task_loss import TaskLoss, TaskLossConfig
     from tina.schedule import warmup_cosine
 
     budget = generator_budget(bundle, cfg)
+    task_cfg = generator_section(bundle, "task_loss", TaskLossConfig)
+    task_loss = None
+    if task_cfg.weight > 0:
+        if dataset is None:
+            raise ValueError("the generator was trained with a task loss: the hypernet baseline needs the dataset for it")
+        task_loss = TaskLoss(task_cfg, bundle.layout, bundle.target, dataset, bundle.anchor, bundle.base)
+    # The generator's own run (training.steps) is the part of its budget that had the task loss.
+    task_steps = min(budget["steps"], int(bundle.meta.get("training", {}).get("steps", 0) or budget["steps"])) if task_loss else 0
     torch.manual_seed(cfg.seed)
     layout = bundle.layout
     net = HyperNet(layout, bundle.vocab_emb.shape[1], cfg.width).to(device)
-    stream = ZooStream(shard_urls(zoo, read_manifest(zoo), "train"), layout, augment_config(bundle), cfg.seed, anchor=bundle.anchor)
+    stream = ZooStream(shard_urls(zoo, read_manifest(zoo), "train"), layout, generator_section(bundle, "augment", AugmentConfig),
+                       cfg.seed, anchor=bundle.anchor)
     loader = torch.utils.data.DataLoader(stream, batch_size=budget["batch_size"], num_workers=cfg.workers,
                                          collate_fn=functools.partial(collate, layout=layout))
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=0.0)
@@ -99,6 +110,9 @@ def train_hypernet(bundle, zoo, cfg: HypernetConfig, device: str | torch.device 
         pred = net(batch["cond"].to(device), batch["cond_mask"].to(device))  # (N, T, C)
         w = batch["elem_mask"].to(device, pred.dtype)
         loss = ((pred - batch["x0"].to(device)) ** 2 * w).sum() / w.sum().clamp_min(1)
+        if step >= budget["steps"] - task_steps:  # every row is a one-pass prediction: score the first task_cfg.tasks
+            rows = torch.arange(min(task_cfg.tasks, pred.shape[0]))
+            loss = loss + task_cfg.weight * task_loss(pred, batch["cond"], batch["cond_mask"], batch["class_ids"], rows)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -106,7 +120,8 @@ def train_hypernet(bundle, zoo, cfg: HypernetConfig, device: str | torch.device 
         bar.update()
     bar.close()
     net.eval()
-    record = {**budget, "lr": cfg.lr, "width": cfg.width, "parameters": sum(p.numel() for p in net.parameters()),
+    record = {**budget, "task_loss_weight": task_cfg.weight, "task_loss_steps": task_steps, "lr": cfg.lr, "width": cfg.width,
+              "parameters": sum(p.numel() for p in net.parameters()),
               "final_loss": float(sum(losses[-50:]) / max(1, len(losses[-50:]))), "seconds": round(time.perf_counter() - t0, 1)}
     log.info("hypernet baseline: %d steps x %d models, loss %.4f, %.0f s", budget["steps"], budget["batch_size"],
              record["final_loss"], record["seconds"])

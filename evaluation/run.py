@@ -147,7 +147,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     if "hypernet" in baselines:
         from evaluation.hypernet import hypernet_flat, train_hypernet
 
-        hyper, hyper_record = train_hypernet(bundle, zoo, cfg.hypernet, cfg.device)
+        hyper, hyper_record = train_hypernet(bundle, zoo, cfg.hypernet, cfg.device, dataset)
         hyper_flats = {(s, i): hypernet_flat(hyper, bundle, tasks_by_form[(s, "names", i)].cond) for s, i in order}
     zeroshot = None
     if "zeroshot" in baselines:

@@ -84,7 +84,7 @@ def test_overfits_a_few_vectors_and_samples_them_back():
     mask = torch.ones_like(x0, dtype=torch.bool)
     opt = torch.optim.AdamW(dit.parameters(), lr=2e-3)
     for _ in range(600):
-        loss = training_loss(dit, ddpm, x0, mask, cond, None, 0.0)
+        loss = training_loss(dit, ddpm, x0, mask, cond, None, 0.0).loss
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -118,7 +119,22 @@ def make_scheduler(config: dict, sampler: str = "ddpm"):
     raise TinaError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
 
 
-def training_loss(model, scheduler, x0, elem_mask, cond, cond_mask, cond_dropout: float, high_noise_fraction: float = 0.0):
+def high_noise_start(num_train_timesteps: int) -> int:
+    """First timestep of the noisiest 5%, where high_noise_fraction draws from and the task loss applies."""
+    return num_train_timesteps - max(1, num_train_timesteps // 20)
+
+
+class DiffusionLoss(NamedTuple):
+    """One training step's loss and what it was computed from (the task loss scores `pred`)."""
+
+    loss: torch.Tensor  # () masked MSE
+    pred: torch.Tensor  # (N, T, C) the model's prediction (x0, eps or v, as configured)
+    t: torch.Tensor  # (N,) timesteps
+    uncond: torch.Tensor  # (N,) True where the condition was dropped
+
+
+def training_loss(model, scheduler, x0, elem_mask, cond, cond_mask, cond_dropout: float,
+                  high_noise_fraction: float = 0.0) -> DiffusionLoss:
     """Masked MSE of the model's prediction at a random timestep (see DiffusionConfig.high_noise_fraction).
 
     x0 (N, T, C) normalised tokens; elem_mask (N, T, C) True on real parameters; cond (N, K, E).
@@ -128,7 +144,7 @@ def training_loss(model, scheduler, x0, elem_mask, cond, cond_mask, cond_dropout
     t = torch.randint(0, T, (N,), device=x0.device)
     if high_noise_fraction > 0:
         high = torch.rand(N, device=x0.device) < high_noise_fraction
-        t = torch.where(high, torch.randint(T - max(1, T // 20), T, (N,), device=x0.device), t)
+        t = torch.where(high, torch.randint(high_noise_start(T), T, (N,), device=x0.device), t)
     noise = torch.randn_like(x0)
     xt = scheduler.add_noise(x0, noise, t)
     uncond = torch.rand(N, device=x0.device) < cond_dropout
@@ -138,7 +154,7 @@ def training_loss(model, scheduler, x0, elem_mask, cond, cond_mask, cond_dropout
     if target is None:
         target = scheduler.get_velocity(x0, noise, t)
     w = elem_mask.to(pred.dtype)
-    return ((pred - target) ** 2 * w).sum() / w.sum().clamp_min(1)
+    return DiffusionLoss(((pred - target) ** 2 * w).sum() / w.sum().clamp_min(1), pred, t, uncond)
 
 
 def initial_noise(seed: int, num_tokens: list[int], token_size: int) -> torch.Tensor:

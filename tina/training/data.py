@@ -87,7 +87,7 @@ class AugmentConfig:
 
 def make_example(params: torch.Tensor, emb: torch.Tensor, layout: ParamLayout, aug: AugmentConfig, rng: random.Random,
                  anchor: SelectionAnchor | None = None, class_ids: list[int] | None = None) -> dict:
-    """One model → x0 tokens (T, C), element mask (T, C) and per-class text (k, E).
+    """One model → x0 tokens (T, C), element mask (T, C), per-class text (k, E) and class ids (k,) in the same order.
 
     With an anchor, x0 is the residual from classifier selection of `class_ids` (tina/anchor.py)."""
     k, V, _ = emb.shape
@@ -103,11 +103,12 @@ def make_example(params: torch.Tensor, emb: torch.Tensor, layout: ParamLayout, a
     cond = emb[perm, variant]  # (k, E)
     cond = cond / cond.norm(dim=-1, keepdim=True).clamp_min(1e-6)  # re-normalise after float16 storage
     x0 = layout.tokenize(layout.normalize(flat, k), k)
-    return {"x0": x0, "elem_mask": layout.token_mask(k), "cond": cond, "k": k}
+    ids = torch.full((k,), -1, dtype=torch.long) if class_ids is None else torch.as_tensor(class_ids, dtype=torch.long)[perm]
+    return {"x0": x0, "elem_mask": layout.token_mask(k), "cond": cond, "class_ids": ids, "k": k}
 
 
 def collate(examples: list[dict], layout: ParamLayout) -> dict:
-    """Pad to the batch's largest k: x0/elem_mask (N, T, C), cond (N, K, E), cond_mask (N, K)."""
+    """Pad to the batch's largest k: x0/elem_mask (N, T, C), cond (N, K, E), cond_mask (N, K), class_ids (N, K) (-1 pads)."""
     K = max(e["k"] for e in examples)
     N, C, E = len(examples), layout.token_size, examples[0]["cond"].shape[-1]
     T = layout.num_tokens(K)
@@ -115,11 +116,13 @@ def collate(examples: list[dict], layout: ParamLayout) -> dict:
     elem_mask = torch.zeros(N, T, C, dtype=torch.bool)
     cond = torch.zeros(N, K, E)
     cond_mask = torch.zeros(N, K, dtype=torch.bool)
+    class_ids = torch.full((N, K), -1, dtype=torch.long)
     for i, e in enumerate(examples):
         n = layout.num_tokens(e["k"])
         x0[i, :n], elem_mask[i, :n] = e["x0"], e["elem_mask"]
         cond[i, : e["k"]], cond_mask[i, : e["k"]] = e["cond"], True
-    return {"x0": x0, "elem_mask": elem_mask, "cond": cond, "cond_mask": cond_mask}
+        class_ids[i, : e["k"]] = e["class_ids"]
+    return {"x0": x0, "elem_mask": elem_mask, "cond": cond, "cond_mask": cond_mask, "class_ids": class_ids}
 
 
 class ZooStream(torch.utils.data.IterableDataset):

@@ -19,6 +19,7 @@ from tina.layout import ParamLayout
 from tina.model import DiT
 from tina.schedule import warmup_cosine
 from tina.training.accuracy import accuracy, gain_captured, task_test_set
+from tina.training.task_loss import TaskLoss
 from tina.weights import assemble, tokens_to_flat
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,8 @@ class TinaLitModule(L.LightningModule):
 
     def __init__(self, dit: DiT, layout: ParamLayout, diffusion: DiffusionConfig, optim: OptimConfig, max_steps: int,
                  val: ValConfig | None = None, val_models: list[dict] | None = None, dataset=None, target: str | None = None,
-                 anchor=None, seed: int = 0, class_emb: torch.Tensor | None = None, base: dict | None = None):
+                 anchor=None, seed: int = 0, class_emb: torch.Tensor | None = None, base: dict | None = None,
+                 task_loss: TaskLoss | None = None):
         super().__init__()
         self.seed = seed
         self.dit = dit
@@ -71,6 +73,7 @@ class TinaLitModule(L.LightningModule):
         self.anchor = anchor  # tina.anchor.SelectionAnchor when the DiT generates residuals
         self.class_emb = class_emb  # (V, E) plain-name embeddings by dataset class id: what `tina generate` conditions on
         self.base = base or {}  # frozen backbone weights and buffers (head-on-backbone targets)
+        self.task_loss = task_loss  # cross-entropy of the generated classifiers on train images (tina/training/task_loss.py)
 
     def on_train_batch_start(self, batch, batch_idx):
         # This step's timesteps, noise and condition dropout are drawn from (seed, rank, step), not from
@@ -79,9 +82,16 @@ class TinaLitModule(L.LightningModule):
         torch.manual_seed(int(state[0]) << 32 | int(state[1]))
 
     def training_step(self, batch, batch_idx):
-        loss = training_loss(self.dit, self.scheduler, batch["x0"], batch["elem_mask"], batch["cond"], batch["cond_mask"],
-                             self.diffusion.cond_dropout, self.diffusion.high_noise_fraction)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["x0"].shape[0])
+        N = batch["x0"].shape[0]
+        out = training_loss(self.dit, self.scheduler, batch["x0"], batch["elem_mask"], batch["cond"], batch["cond_mask"],
+                            self.diffusion.cond_dropout, self.diffusion.high_noise_fraction)
+        loss = out.loss
+        if self.task_loss is not None:
+            ce = self.task_loss(out.pred, batch["cond"], batch["cond_mask"], batch["class_ids"], self.task_loss.chosen(out.t, out.uncond))
+            self.log("train/task_ce", ce, prog_bar=True, batch_size=N)
+            self.log("train/mse", out.loss, batch_size=N)
+            loss = loss + self.task_loss.cfg.weight * ce
+        self.log("train/loss", loss, prog_bar=True, batch_size=N)
         return loss
 
     def optimizer_step(self, *args, **kwargs):

@@ -24,6 +24,7 @@ from tina.diffusion import DiffusionConfig
 from tina.errors import TinaError
 from tina.layout import ParamLayout
 from tina.training.lit_module import OptimConfig, TinaLitModule, ValConfig, validate_generated
+from tina.training.task_loss import TaskLoss, TaskLossConfig
 from tina.model import DIT_SIZES, build_dit
 from tina.validate import ArgumentParser, writable_folder
 
@@ -85,6 +86,12 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     val: ValConfig = field(default_factory=ValConfig)
+    task_loss: TaskLossConfig = field(default_factory=TaskLossConfig)
+
+    def __post_init__(self):
+        if self.task_loss.weight > 0 and self.diffusion.prediction != "x0":
+            raise ValueError(f"task_loss scores the x0 prediction: set diffusion.prediction=x0 (got {self.diffusion.prediction}) "
+                             "or task_loss.weight=0")
 
 
 def resolve_val_split(man: dict, split: str) -> str:
@@ -184,8 +191,11 @@ def train(cfg: TrainConfig) -> Path | None:
     if layout.frozen:  # head-on-backbone targets: the frozen backbone (weights and buffers) travels with the generator
         generic = load_file(zoo / "generic.safetensors")
         base = {k: generic[k] for k in layout.frozen}
+    task_loss = None
+    if cfg.task_loss.weight > 0:
+        task_loss = TaskLoss(cfg.task_loss, layout, man["target"], dataset, anchor, base, cfg.diffusion.num_train_timesteps)
     module = TinaLitModule(dit, layout, cfg.diffusion, cfg.optim, cfg.trainer.max_steps, cfg.val, val_models, dataset, man["target"],
-                          anchor, seed=cfg.trainer.seed, class_emb=vocab_t["names"].float(), base=base)
+                          anchor, seed=cfg.trainer.seed, class_emb=vocab_t["names"].float(), base=base, task_loss=task_loss)
     data = ZooDataModule(zoo, layout, cfg.augment, cfg.trainer.batch_size, cfg.trainer.workers, cfg.trainer.seed, anchor)
 
     if rank == 0:  # only rank zero writes
