@@ -89,7 +89,15 @@ def check_image_spec(d: dict, where):
         raise TinaError(f"{where}: image mean and std need {channels} finite number(s) each, got {mean} and {std}")
     if min(std) <= 0:
         raise TinaError(f"{where}: image std must be > 0 (it divides), got {std}")
-    return ImageSpec(channels, size, tuple(float(v) for v in mean), tuple(float(v) for v in std))
+    background, crop = d.get("background"), d.get("crop", False)
+    if background is not None and not (isinstance(background, int) and not isinstance(background, bool) and 0 <= background <= 255):
+        raise TinaError(f"{where}: image background must be a grey level 0..255, got {background!r}")
+    if not isinstance(crop, bool):
+        raise TinaError(f"{where}: image crop must be true or false, got {crop!r}")
+    # ImageSpec.from_dict: the background and crop as stored (the polarity user images are matched to),
+    # and for files written before `background` existed, 0 for grey (Fashion-MNIST) images.
+    return ImageSpec.from_dict({"channels": channels, "size": size, "mean": [float(v) for v in mean], "std": [float(v) for v in std],
+                                **({} if background is None else {"background": background}), "crop": crop})
 
 
 def _finite(v) -> bool:
