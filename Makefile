@@ -38,11 +38,14 @@ test-all: setup-dev
 # The full pipeline behind the shipped fashion-mnist checkpoint (alias default; see checkpoints.md).
 zoo:
 	tina zoo build configs/zoo/fashion_mnist.yaml
+# Two stages: the diffusion loss alone, then 1,000 steps with the task loss added (tina/training/task_loss.py).
 train:
 	tina train configs/train/fashion_mnist.yaml
+	tina train configs/train/fashion_mnist.yaml init_from=runs/fashion_mnist/bundle out=runs/fashion_mnist_task \
+		task_loss.weight=3 trainer.max_steps=1000 optim.lr=2e-4 optim.warmup_steps=50 trainer.val_every=250 trainer.ckpt_every=250
 checkpoint: zoo train
-	$(PYTHON) -m tina.training.projector runs/fashion_mnist/bundle
-	$(PYTHON) -m tina.bundle runs/fashion_mnist/bundle tina/checkpoints/fashion-mnist --half
+	$(PYTHON) -m tina.training.projector runs/fashion_mnist_task/bundle
+	$(PYTHON) -m tina.bundle runs/fashion_mnist_task/bundle tina/checkpoints/fashion-mnist --half
 	nice -n 15 $(PYTHON) -m evaluation.calibrate fashion-mnist --zoo-config configs/zoo/fashion_mnist.yaml
 eval:
 	tina eval configs/eval/fashion_mnist.yaml --checkpoint default

@@ -76,8 +76,8 @@ def test_task_loss_gradient_makes_the_generated_classifier_better(random_generat
 
 
 def test_task_loss_scores_conditioned_rows_at_high_noise_only(random_generator, fashion_mnist):
-    """Rows whose condition was dropped, or whose timestep is below the noisiest 5%, keep the plain
-    diffusion loss; at most cfg.tasks rows are scored."""
+    """Rows whose condition was dropped, or whose timestep is below the noisiest 5% (the default min_t),
+    keep the plain diffusion loss; at most cfg.tasks rows are scored; min_t 0 scores every timestep."""
     from tina.bundle import load_bundle
 
     b = load_bundle(random_generator)
@@ -86,6 +86,8 @@ def test_task_loss_scores_conditioned_rows_at_high_noise_only(random_generator, 
     uncond = torch.tensor([False, False, True, False, False, False])
     assert tl.chosen(t, uncond).tolist() == [0, 3]
     assert TaskLoss(TaskLossConfig(tasks=8), b.layout, b.target, fashion_mnist, b.anchor, b.base).chosen(t, uncond).tolist() == [0, 3, 5]
+    every = TaskLoss(TaskLossConfig(tasks=8, min_t=0), b.layout, b.target, fashion_mnist, b.anchor, b.base)
+    assert every.chosen(t, uncond).tolist() == [0, 1, 3, 4, 5]  # min_t 0: every conditioned row
 
 
 @pytest.fixture(scope="module")

@@ -120,7 +120,7 @@ def make_scheduler(config: dict, sampler: str = "ddpm"):
 
 
 def high_noise_start(num_train_timesteps: int) -> int:
-    """First timestep of the noisiest 5%, where high_noise_fraction draws from and the task loss applies."""
+    """First timestep of the noisiest 5%, where high_noise_fraction draws from (and, by default, the task loss applies)."""
     return num_train_timesteps - max(1, num_train_timesteps // 20)
 
 

@@ -8,9 +8,9 @@ turned into the classifier a user would get (tina/weights.py, the one tokens -> 
 selection origin included) and scored by cross-entropy on a few *train* images of the task's classes.
 Generation stays data-free; only training sees images, as the zoo builder did.
 
-It applies where the x0 prediction is what one-step sampling returns: conditioned (not dropped)
-examples at the noisiest 5% of timesteps. Lower timesteps keep the plain diffusion loss, so
-multi-step samples still follow the zoo's spread.
+By default it applies where the x0 prediction is what one-step sampling returns: conditioned (not
+dropped) examples at the noisiest 5% of timesteps (`min_t` 0.95). Lower timesteps keep the plain
+diffusion loss, so multi-step samples still follow the zoo's spread; `min_t` 0 scores them too.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from tina.config import at_least
-from tina.diffusion import high_noise_start
 from tina.layout import ParamLayout
 from tina.targets import get_target
 from tina.weights import tokens_to_flat
@@ -37,10 +36,15 @@ class TaskLossConfig:
     weight: float = 0.0  # 0: off (pure diffusion training, as in the paper)
     tasks: int = 16  # batch examples scored per step (conditioned, at high noise); the rest keep the MSE alone
     images_per_class: int = 8  # random train images of each class per scored task
+    # Rows at timesteps >= min_t x T are scored. 0.95: only where the x0 prediction is the one-step mean
+    # (training_loss's high-noise band); 0: every timestep, so multi-step samples are scored too.
+    min_t: float = 0.95
 
     def __post_init__(self):
         if not (math.isfinite(self.weight) and self.weight >= 0):
             raise ValueError(f"task_loss.weight must be a finite number >= 0, got {self.weight}")
+        if not 0 <= self.min_t <= 1:
+            raise ValueError(f"task_loss.min_t must be in [0, 1], got {self.min_t}")
         at_least("task_loss", tasks=(self.tasks, 1), images_per_class=(self.images_per_class, 1))
 
 
@@ -54,7 +58,8 @@ class TaskLoss:
                  num_train_timesteps: int = 1000):
         self.cfg, self.layout, self.target, self.dataset, self.anchor = cfg, layout, get_target(target), dataset, anchor
         self.base = base or {}
-        self.t_min = high_noise_start(num_train_timesteps)
+        # min_t 0.95 is training_loss's high-noise band (high_noise_start) for the usual T = 1000
+        self.t_min = min(num_train_timesteps - 1, math.ceil(cfg.min_t * num_train_timesteps))
         self.by_class = {int(c): torch.from_numpy(np.flatnonzero(dataset.train_y == c)) for c in np.unique(dataset.train_y)}
         self._nets: dict[int, torch.nn.Module] = {}
 
@@ -64,7 +69,7 @@ class TaskLoss:
         return self._nets[k]
 
     def chosen(self, t: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
-        """Indices of the batch examples scored: conditioned, at high noise, the first cfg.tasks."""
+        """Indices of the batch examples scored: conditioned, at t >= min_t x T, the first cfg.tasks."""
         return torch.nonzero((t >= self.t_min) & ~uncond).flatten()[: self.cfg.tasks]
 
     def images(self, class_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
