@@ -233,6 +233,7 @@ def _cases():
         "train_task_loss_neg": t + ["task_loss.weight=-1"],
         "train_task_loss_nan": t + ["task_loss.weight=nan"],
         "train_task_loss_eps": t + ["task_loss.weight=1", "diffusion.prediction=eps"],
+        "train_task_loss_min_t": t + ["task_loss.min_t=2"],
         "train_out_file": ["train", TRAIN_CFG, "zoo={w}/zoo", "out={w}/file.txt"],
         "train_out_proc": ["train", TRAIN_CFG, "zoo={w}/zoo", "out=/proc/tina-run"],
         "train_zoo_missing": ["train", TRAIN_CFG, "zoo={w}/nope", "out={w}/run"],

@@ -34,7 +34,7 @@ class TaskLossConfig:
     """Cross-entropy of generated classifiers on training images, added to the diffusion loss."""
 
     weight: float = 0.0  # 0: off (pure diffusion training, as in the paper)
-    tasks: int = 16  # batch examples scored per step (conditioned, at high noise); the rest keep the MSE alone
+    tasks: int = 16  # batch examples scored per step (conditioned, t >= min_t x T); the rest keep the MSE alone
     images_per_class: int = 8  # random train images of each class per scored task
     # Rows at timesteps >= min_t x T are scored. 0.95: only where the x0 prediction is the one-step mean
     # (training_loss's high-noise band); 0: every timestep, so multi-step samples are scored too.
