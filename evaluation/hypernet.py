@@ -110,7 +110,7 @@ def train_hypernet(bundle, zoo, cfg: HypernetConfig, device: str | torch.device 
         pred = net(batch["cond"].to(device), batch["cond_mask"].to(device))  # (N, T, C)
         w = batch["elem_mask"].to(device, pred.dtype)
         loss = ((pred - batch["x0"].to(device)) ** 2 * w).sum() / w.sum().clamp_min(1)
-        if step >= budget["steps"] - task_steps:  # every row is a one-pass prediction: score the first task_cfg.tasks
+        if task_loss is not None and step >= budget["steps"] - task_steps:  # one-pass predictions: score the first task_cfg.tasks
             rows = torch.arange(min(task_cfg.tasks, pred.shape[0]))
             loss = loss + task_cfg.weight * task_loss(pred, batch["cond"], batch["cond_mask"], batch["class_ids"], rows)
         opt.zero_grad(set_to_none=True)

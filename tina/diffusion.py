@@ -10,6 +10,7 @@ in the paper (eps and v available). A scheduler holds state, so every request bu
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -119,9 +120,10 @@ def make_scheduler(config: dict, sampler: str = "ddpm"):
     raise TinaError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
 
 
-def high_noise_start(num_train_timesteps: int) -> int:
-    """First timestep of the noisiest 5%, where high_noise_fraction draws from (and, by default, the task loss applies)."""
-    return num_train_timesteps - max(1, num_train_timesteps // 20)
+def high_noise_start(num_train_timesteps: int, share: float = 0.05) -> int:
+    """First timestep of the noisiest `share` of the schedule (at least the last timestep). 0.05 is where
+    high_noise_fraction draws from; the task loss scores rows from high_noise_start(T, 1 - task_loss.min_t)."""
+    return num_train_timesteps - max(1, math.floor(share * num_train_timesteps + 1e-9))  # + 1e-9: 0.05 x T in floats
 
 
 class DiffusionLoss(NamedTuple):

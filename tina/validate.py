@@ -94,10 +94,9 @@ def check_image_spec(d: dict, where):
         raise TinaError(f"{where}: image background must be a grey level 0..255, got {background!r}")
     if not isinstance(crop, bool):
         raise TinaError(f"{where}: image crop must be true or false, got {crop!r}")
-    # ImageSpec.from_dict: the background and crop as stored (the polarity user images are matched to),
-    # and for files written before `background` existed, 0 for grey (Fashion-MNIST) images.
-    return ImageSpec.from_dict({"channels": channels, "size": size, "mean": [float(v) for v in mean], "std": [float(v) for v in std],
-                                **({} if background is None else {"background": background}), "crop": crop})
+    # ImageSpec.from_dict keeps the stored background and crop (the polarity and framing user images are
+    # matched to) and applies the one rule for files written before `background` existed.
+    return ImageSpec.from_dict({**d, "mean": [float(v) for v in mean], "std": [float(v) for v in std]})
 
 
 def _finite(v) -> bool:

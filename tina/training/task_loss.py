@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from tina.config import at_least
+from tina.diffusion import high_noise_start
 from tina.layout import ParamLayout
 from tina.targets import get_target
 from tina.weights import tokens_to_flat
@@ -58,8 +59,7 @@ class TaskLoss:
                  num_train_timesteps: int = 1000):
         self.cfg, self.layout, self.target, self.dataset, self.anchor = cfg, layout, get_target(target), dataset, anchor
         self.base = base or {}
-        # min_t 0.95 is training_loss's high-noise band (high_noise_start) for the usual T = 1000
-        self.t_min = min(num_train_timesteps - 1, math.ceil(cfg.min_t * num_train_timesteps))
+        self.t_min = high_noise_start(num_train_timesteps, 1 - cfg.min_t)  # min_t 0.95: training_loss's high-noise band
         self.by_class = {int(c): torch.from_numpy(np.flatnonzero(dataset.train_y == c)) for c in np.unique(dataset.train_y)}
         self._nets: dict[int, torch.nn.Module] = {}
 
