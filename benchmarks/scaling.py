@@ -2,12 +2,14 @@
 
     python -m benchmarks.scaling --quick                     reduced scale on a CPU (tiny zoo, built if missing; minutes)
     python -m benchmarks.scaling --zoo zoos/fashion_mnist --fractions 0.125 0.25 0.5 1 \\
-        --sizes DiT-T DiT-S DiT-M DiT-B --base-size DiT-S --steps 4000 --batch-size 64 --eval-tasks 200 --seeds 3
+        --sizes DiT-T DiT-S DiT-M DiT-B --base-size DiT-S --steps 4000 --task-steps 1000 --batch-size 64 --eval-tasks 200 --seeds 3
                                                              the full curves (a GPU: about 20 trainings' worth)
 
 Zoo size: a generator of `base_size` is trained on the first fraction f of the zoo's training models (a
 subset zoo: a copy of the manifest and new train shards holding those models; every other file is linked)
-with the same step budget. Generator size: each size is trained on the whole zoo. Every generator is
+with the same step budget. Generator size: each size is trained on the whole zoo. Every generator follows the
+shipped recipe (`make train`): `steps` of diffusion training, then `task_steps` more with the task loss
+(tina/training/task_loss.py), warm-started from the first. Every generator is
 evaluated by the evaluation package on the SAME held-out tasks of the full zoo (`split`, class-name prompts, `seeds`
 seeds) beside the zoo's oracle and classifier selection. Outputs in OUT: scaling.json,
 scaling_zoo_size.png, scaling_generator_size.png; trained runs are kept under OUT/runs and reused.
@@ -41,7 +43,10 @@ class ScalingConfig:
     fractions: list[float] = field(default_factory=lambda: [0.125, 0.25, 0.5, 1.0])
     sizes: list[str] = field(default_factory=lambda: ["DiT-T", "DiT-S", "DiT-M"])
     base_size: str = "DiT-S"  # generator size of the zoo-size curve
-    steps: int = 4000  # training steps of every generator (the same budget for all)
+    steps: int = 4000  # diffusion training steps of every generator (the same budget for all)
+    task_steps: int = 1000  # then this many steps with the task loss (0: diffusion only, the pre-session-10 recipe)
+    task_weight: float = 3.0  # the second stage's task_loss.weight and learning rate, as in `make train`
+    task_lr: float = 2e-4
     batch_size: int = 64
     eval_tasks: int = 100  # held-out tasks scored per generator
     seeds: int = 3
@@ -56,7 +61,7 @@ class ScalingConfig:
         if not quick:
             return cls(zoo=zoo)
         return cls(zoo=zoo, out="outputs/scaling_quick", fractions=[0.25, 0.5, 1.0], sizes=["DiT-T", "DiT-S"],
-                   base_size="DiT-T", steps=60, batch_size=16, eval_tasks=6, seeds=3, sample_steps=10, threads=1, tiny_zoo=True)
+                   base_size="DiT-T", steps=60, task_steps=10, batch_size=16, eval_tasks=6, seeds=3, sample_steps=10, threads=1, tiny_zoo=True)
 
 
 def subset_zoo(zoo: Path, n: int, out: Path) -> Path:
@@ -123,30 +128,41 @@ def _tiny_zoo(out: Path) -> Path:
     return zoo
 
 
-def train_one(cfg: ScalingConfig, zoo: Path, size: str, name: str) -> tuple[Path, float]:
-    """Train (or reuse) one generator; returns its bundle and its training seconds (Lightning fit time)."""
+def train_one(cfg: ScalingConfig, zoo: Path, size: str, name: str) -> tuple[Path, Path, float]:
+    """Train (or reuse) one generator by the shipped recipe (`make train`): `steps` of diffusion training, then
+    (task_steps > 0) a second stage with the task loss, warm-started from the first. Returns the first and the
+    last stage's bundles (the same without a second stage) and the training seconds of both (Lightning fit time)."""
+    bundle, secs = _stage(cfg, zoo, size, name, cfg.steps, 0, [])
+    if not cfg.task_steps:
+        return bundle, bundle, secs
+    task, task_secs = _stage(cfg, zoo, size, f"{name}-task", cfg.task_steps, cfg.steps, [
+        f"init_from={bundle}", f"task_loss.weight={cfg.task_weight}", f"optim.lr={cfg.task_lr}",
+        f"optim.warmup_steps={min(50, max(1, cfg.task_steps // 10))}"])
+    return bundle, task, secs + task_secs
+
+
+def _stage(cfg: ScalingConfig, zoo: Path, size: str, name: str, steps: int, steps_before: int,
+           extra: list[str]) -> tuple[Path, float]:
+    """One `tina train` run (or a finished run of the same settings on the same vectors, reused)."""
     from tina.config import load_config
+    from tina.training.data import read_manifest
     from tina.training.train import TrainConfig, train
 
     run = Path(cfg.out) / "runs" / name
     bundle = run / "bundle"
-    if (bundle / "bundle.json").is_file():  # reuse a finished run of the same settings on the same vectors
-        from tina.training.data import read_manifest
-
-        meta = json.loads((bundle / "bundle.json").read_text())
-        t = meta.get("training", {})
-        if (t.get("steps") == cfg.steps and t.get("generator_size") == size and t.get("zoo_config_hash") ==
-                read_manifest(zoo).get("config_hash") and _same_vectors(json.loads((bundle / "layout.json").read_text()),
-                                                                        read_manifest(zoo)["layout"])):
+    if (bundle / "bundle.json").is_file():
+        t = json.loads((bundle / "bundle.json").read_text()).get("training", {})
+        if (t.get("steps") == steps and t.get("steps_before", 0) == steps_before and t.get("generator_size") == size
+                and t.get("zoo_config_hash") == read_manifest(zoo).get("config_hash")
+                and _same_vectors(json.loads((bundle / "layout.json").read_text()), read_manifest(zoo)["layout"])):
             return bundle, float(t.get("seconds", float("nan")))
-    small = cfg.steps < 1000
-    overrides = [f"zoo={zoo}", f"out={run}", f"generator.size={size}", f"trainer.max_steps={cfg.steps}",
-                 f"trainer.batch_size={cfg.batch_size}", f"optim.warmup_steps={min(200, max(1, cfg.steps // 10))}",
+    overrides = [f"zoo={zoo}", f"out={run}", f"generator.size={size}", f"trainer.max_steps={steps}",
+                 f"trainer.batch_size={cfg.batch_size}", f"optim.warmup_steps={min(200, max(1, steps // 10))}",
                  "resume=false"]
-    if small:  # no intermediate validation or checkpoints in short runs
-        overrides += [f"trainer.val_every={10 * cfg.steps}", f"trainer.ckpt_every={10 * cfg.steps}", "val.tasks=2",
+    if steps < 1000:  # no intermediate validation or checkpoints in short runs
+        overrides += [f"trainer.val_every={10 * steps}", f"trainer.ckpt_every={10 * steps}", "val.tasks=2",
                       "trainer.final_val_tasks=2", "diffusion.steps=5"]
-    path = train(load_config(TrainConfig, ROOT / cfg.train_config, overrides + list(cfg.train_overrides)))
+    path = train(load_config(TrainConfig, ROOT / cfg.train_config, overrides + extra + list(cfg.train_overrides)))
     return path, float(json.loads((path / "bundle.json").read_text())["training"]["seconds"])  # fit time, as recorded
 
 
@@ -179,22 +195,25 @@ def run(cfg: ScalingConfig) -> dict:
     man = read_manifest(zoo)
     n_train = len(man["splits"]["train"])
     runs = []
+
+    def add(curve: str, data: Path, size: str, name: str, fraction: float, n: int) -> None:
+        first, last, secs = train_one(cfg, data, size, name)
+        row = {"curve": curve, "name": name, "fraction": fraction, "train_models": n, "size": size,
+               "train_seconds": round(secs, 1), **_params(last), **score(cfg, last, zoo, name)}
+        if last != first:  # the first stage scored on the same tasks: what the task loss adds at this scale
+            row["generated_diffusion_only"] = score(cfg, first, zoo, f"{name}-diffusion")["generated"]
+        runs.append(row)
+        log.info("%s: %s", name, row)
+
     for f in sorted(set(cfg.fractions)):
         n = max(2, round(f * n_train))
-        data = zoo if n >= n_train else subset_zoo(zoo, n, out / "zoos" / f"train{n}")
-        name = f"zoo{n}-{cfg.base_size}"
-        bundle, secs = train_one(cfg, data, cfg.base_size, name)
-        runs.append({"curve": "zoo_size", "name": name, "fraction": f, "train_models": n, "size": cfg.base_size,
-                     "train_seconds": round(secs, 1), **_params(bundle), **score(cfg, bundle, zoo, name)})
-        log.info("%s: %s", name, runs[-1])
+        add("zoo_size", zoo if n >= n_train else subset_zoo(zoo, n, out / "zoos" / f"train{n}"), cfg.base_size,
+            f"zoo{n}-{cfg.base_size}", f, n)
     for size in cfg.sizes:
-        name = f"zoo{n_train}-{size}"
-        bundle, secs = train_one(cfg, zoo, size, name)
-        runs.append({"curve": "generator_size", "name": name, "fraction": 1.0, "train_models": n_train, "size": size,
-                     "train_seconds": round(secs, 1), **_params(bundle), **score(cfg, bundle, zoo, name)})
-    r = {"config": asdict(cfg), "zoo": str(zoo), "train_models": n_train, "steps": cfg.steps, "runs": runs,
+        add("generator_size", zoo, size, f"zoo{n_train}-{size}", 1.0, n_train)
+    r = {"config": asdict(cfg), "zoo": str(zoo), "train_models": n_train, "steps": cfg.steps, "task_steps": cfg.task_steps, "runs": runs,
          "command_full": "python -m benchmarks.scaling --zoo zoos/fashion_mnist --fractions 0.125 0.25 0.5 1 --sizes DiT-T DiT-S "
-                         "DiT-M DiT-B --base-size DiT-S --steps 4000 --batch-size 64 --eval-tasks 200 --seeds 3"}
+                         "DiT-M DiT-B --base-size DiT-S --steps 4000 --task-steps 1000 --batch-size 64 --eval-tasks 200 --seeds 3"}
     r["plots"] = plot(r, out)
     (out / "scaling.json").write_text(json.dumps(r, indent=1))
     return r
@@ -222,6 +241,8 @@ def plot(r: dict, out: Path) -> list[str]:
         xs = [x[x_key] for x in rows]
         fig, ax = plt.subplots(figsize=(5.5, 3.8))
         ax.errorbar(xs, [x["generated"] for x in rows], yerr=[x["std_seeds"] for x in rows], fmt="o-", capsize=3, label="generated")
+        if all("generated_diffusion_only" in x for x in rows):
+            ax.plot(xs, [x["generated_diffusion_only"] for x in rows], "s-", color="0.6", label="generated, diffusion stage only")
         for key, style in (("oracle", "g--"), ("selection", "r:")):
             ax.plot(xs, [x[key] for x in rows], style, label=key)
         for x in rows:
@@ -230,7 +251,7 @@ def plot(r: dict, out: Path) -> list[str]:
         ax.set_xscale("log")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"test accuracy ({r['config']['split']})")
-        ax.set_title(f"{curve.replace('_', ' ')}: {r['steps']} training steps each")
+        ax.set_title(f"{curve.replace('_', ' ')}: {r['steps']} + {r.get('task_steps', 0)} task-loss steps each", fontsize=10)
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(out / fname, dpi=120)
@@ -243,7 +264,7 @@ def rows(r: dict) -> list[tuple[str, object]]:
     out = []
     for x in r["runs"]:
         out.append((f"{x['curve']}: {x['train_models']} models, {x['size']}",
-                    f"gen {x['generated']:.3f} ± {x['std_seeds']:.3f} | oracle {x['oracle']:.3f} | selection {x['selection']:.3f} "
+                    f"gen {x['generated']:.3f} ± {x['std_seeds']:.3f} (diffusion only {x.get('generated_diffusion_only', float('nan')):.3f}) | oracle {x['oracle']:.3f} | selection {x['selection']:.3f} "
                     f"| {x['train_seconds']:.0f} s"))
     out.append(("plots", ", ".join(r["plots"])))
     return out
@@ -258,7 +279,8 @@ def main(argv=None) -> int:
     ap.add_argument("--fractions", nargs="+", type=float)
     ap.add_argument("--sizes", nargs="+")
     ap.add_argument("--base-size")
-    ap.add_argument("--steps", type=int)
+    ap.add_argument("--steps", type=int, help="diffusion training steps per generator")
+    ap.add_argument("--task-steps", type=int, help="then this many steps with the task loss (0: none)")
     ap.add_argument("--batch-size", type=int)
     ap.add_argument("--eval-tasks", type=int)
     ap.add_argument("--seeds", type=int)
@@ -269,7 +291,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     cfg = ScalingConfig.preset(args.quick, args.zoo)
-    for key in ("out", "fractions", "sizes", "base_size", "steps", "batch_size", "eval_tasks", "seeds", "threads"):
+    for key in ("out", "fractions", "sizes", "base_size", "steps", "task_steps", "batch_size", "eval_tasks", "seeds", "threads"):
         if getattr(args, key) is not None:
             setattr(cfg, key, getattr(args, key))
     r = run(cfg)

@@ -6,7 +6,9 @@
 Both sides train the same number of cnn-5k models x steps x minibatch on the same kind of data
 (uint8 28x28 images gathered per step from a 60,000-image pool, normalised, class labels), starting
 from the same weights. Reported: models/minute (at this step count) and achieved GFLOP/s (nominal
-training FLOPs = 3 x forward), next to this machine's measured 2048x2048 float32 matmul GFLOP/s.
+training FLOPs = 3 x forward), next to this machine's measured 2048x2048 matmul GFLOP/s in float32 and
+bfloat16, each row's share of that rate, and the ceiling it sets: no trainer of the loop's FLOPs runs a
+step faster than the matmul rate, so (matmul rate / the loop's GFLOP/s) bounds any speedup over the loop.
 Rows:
   batched (W workers x 1 thread)   zoo_builder.fit as the build runs it: groups on worker threads
   batched (1 worker x T threads)   one group at a time, torch's intra-op threads
@@ -51,9 +53,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_gflops(n: int = 2048, reps: int = 10, device: torch.device = torch.device("cpu")) -> float:
-    """This machine's float32 matmul rate (on a GPU: torch's default, i.e. full-precision float32)."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+def matmul_gflops(n: int = 2048, reps: int = 10, device: torch.device = torch.device("cpu"),
+                  dtype: torch.dtype = torch.float32) -> float:
+    """This machine's matmul rate in dtype (on a GPU, float32 is torch's default: full precision). A large
+    square matmul is about the fastest arithmetic the machine does: no trainer runs a whole step faster."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
     best = float("inf")
@@ -204,8 +208,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--rows", default="generic,fast,loop",
                     help="CPU rows: generic (zoo_builder/stack.py as the build runs it), generic-bf16 (its convolutions in "
                          "bfloat16), vmap (stack.py's vmap fallback), fast (cnn-5k's C kernels + manual backward), loop, loop1 (the loop on "
-                         "one thread: beside other processes, the 2-thread loop loses most to their preemptions), "
-                         "and the extra variants threads, bf16, loop-variants")
+                         "one thread: beside other processes, the 2-thread loop loses most to their preemptions), loop-bf16 "
+                         "(the loop under bf16 autocast: generic-bf16's like-for-like baseline), and the extra variants "
+                         "threads, bf16, loop-variants")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
     gpu = dev.type == "cuda"
@@ -222,6 +227,7 @@ def main(argv=None) -> dict:
     group = args.group_size or (args.models if gpu else 24)
     per_call = RuntimeConfig(images_per_call=args.images_per_call).models_per_call(dev, args.batch)
     mm = matmul_gflops(args.matmul_size, device=dev)
+    mm_bf16 = matmul_gflops(args.matmul_size, device=dev, dtype=torch.bfloat16)
     T = args.threads
     B, S = args.batch, args.steps
     # Each row: (its tasks, fn(tasks, steps) -> seconds).
@@ -246,9 +252,11 @@ def main(argv=None) -> dict:
             f"fast path cnn-5k ({T} workers x 1 thread)": (tasks, lambda ts, n: run_batched(data, init, ts, n, B, group, T, 1, per_call)),
             f"loop {tgt}, nn.Module (NCHW)": (loop_tasks, lambda ts, n: run_loop(data, init, ts, n, B, T, False, target=tgt)),
             f"loop {tgt}, nn.Module (NCHW, 1 thread)": (loop_tasks, lambda ts, n: run_loop(data, init, ts, n, B, 1, False, target=tgt)),
+            f"loop {tgt}, nn.Module (bf16 autocast)": (loop_tasks, lambda ts, n: run_loop(data, init, ts, n, B, T, False, bf16=True,
+                                                                                         target=tgt)),
         }  # fmt: skip
         keep = ["generic" in want, "generic-bf16" in want, "vmap" in want, "fast" in want and tgt == "cnn-5k", "loop" in want,
-                "loop1" in want]
+                "loop1" in want, "loop-bf16" in want and not spec.head_only]
         runs = {name: r for (name, r), k in zip(runs.items(), keep) if k}
         extra = {
             f"batched ({T} workers x 1 thread)": (tasks, lambda ts, n: run_batched(data, init, ts, n, B, group, T, 1, per_call)),
@@ -290,19 +298,22 @@ def main(argv=None) -> dict:
     for r in rows:  # per-model rates: equal work per model, whatever the model counts
         if base:
             r["speedup_vs_loop"] = round(r["models_per_minute"] / base["models_per_minute"], 2)
+            r["share_of_matmul_peak"] = round(r["gflops"] / (mm_bf16 if "bf16" in r["name"] else mm), 2)
         if gen:
             r["speedup_vs_generic"] = round(r["models_per_minute"] / gen["models_per_minute"], 2)
     where = torch.cuda.get_device_name(dev) if gpu else f"cpu ({os.cpu_count()} cores)"
     result = {
         "machine": {"device": where, "cpu_count": os.cpu_count(), "threads": T, "torch": torch.__version__,
-                    "platform": platform.platform(), "matmul_gflops": round(mm, 1), "matmul_size": args.matmul_size,
-                    "load_avg_1min": round(os.getloadavg()[0], 2)},
+                    "platform": platform.platform(), "matmul_gflops": round(mm, 1), "matmul_gflops_bf16": round(mm_bf16, 1),
+                    "matmul_size": args.matmul_size, "load_avg_1min": round(os.getloadavg()[0], 2)},
         "work": {"target": args.target, "models": args.models, "loop_models": len(loop_tasks), "steps": S, "batch": B, "k": args.k, "repeats": args.repeats,
                  "gflop_per_model": round(per_model / 1e9, 3)},
         "rows": rows,
     }  # fmt: skip
+    if base:  # the fastest any trainer could go: every step at the matmul rate, same FLOPs as the loop
+        result["ceiling_vs_loop"] = {"float32": round(mm / base["gflops"], 2), "bfloat16": round(mm_bf16 / base["gflops"], 2)}
     print(f"{args.target} fine-tuning on {where}: {args.models} models (loop: {len(loop_tasks)}) x {S} steps x batch {B} "
-          f"(k={args.k}), {per_model / 1e9:.2f} GFLOP per model; {args.matmul_size}^2 fp32 matmul: {mm:.0f} GFLOP/s; "
+          f"(k={args.k}), {per_model / 1e9:.2f} GFLOP per model; {args.matmul_size}^2 matmul: fp32 {mm:.0f}, bf16 {mm_bf16:.0f} GFLOP/s; "
           f"load avg {os.getloadavg()[0]:.1f}; medians of {args.repeats} interleaved rounds")  # fmt: skip
     print(f"{'trainer':44s} {'models':>6s} {'seconds':>8s} {'models/min':>11s} {'(range)':>15s} {'GFLOP/s':>8s} {'vs loop':>8s} "
           f"{'cpu s':>7s} {'GFLOP/cpu-s':>12s}")
@@ -310,6 +321,9 @@ def main(argv=None) -> dict:
         lo, hi = r["models_per_minute_range"]
         print(f"{r['name']:44s} {r['models']:6d} {r['seconds']:8.2f} {r['models_per_minute']:11.1f} {f'{lo:.0f}-{hi:.0f}':>15s} "
               f"{r['gflops']:8.1f} {r.get('speedup_vs_loop', float('nan')):7.2f}x {r['cpu_seconds']:7.2f} {r['gflop_per_cpu_second']:12.1f}")
+    if base:
+        c = result["ceiling_vs_loop"]
+        print(f"ceiling (a whole step at the matmul rate): {c['float32']:.2f}x the loop in float32, {c['bfloat16']:.2f}x in bf16")
     print(json.dumps(result))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

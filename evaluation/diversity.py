@@ -17,6 +17,7 @@ import torch
 from evaluation.config import DiversityConfig
 from evaluation.generation import generate_flats
 from evaluation.scoring import accuracies, disagreement, flat_probs
+from evaluation.statistics import paired_bootstrap
 
 
 def measure(tina, tasks: list, test_sets: list[tuple], cfg: DiversityConfig, seed: int, batch_size: int,
@@ -60,7 +61,16 @@ def measure(tina, tasks: list, test_sets: list[tuple], cfg: DiversityConfig, see
             "disagreement": float(np.mean(dis)), "ensemble_acc": float(np.mean(ens)),
             "single_minus_mean_model": float(single.mean() - np.mean(mean_acc)),
             "ensemble_minus_mean_model": float(np.mean(ens) - np.mean(mean_acc)),
+            # paired over tasks: how far the step count's gap could be on other tasks (choose strength on these, on val)
+            "single_minus_mean_model_ci": _interval(single.mean(1), mean_acc),
+            "ensemble_minus_mean_model_ci": _interval(ens, mean_acc),
             "per_task": {"single": single.round(5).tolist(), "ensemble": ens, "disagreement": dis},
         }
     return {"tasks": len(tasks), "samples": len(seeds), "sampler": "ddim", "guidance": guidance, "strength": strength,
             "mean_model": {"steps": 1, "acc": float(np.mean(mean_acc)), "per_task": mean_acc}, "by_steps": by_steps}
+
+
+def _interval(a, b) -> list[float]:
+    """Paired bootstrap 95% interval of mean(a - b) over tasks."""
+    r = paired_bootstrap(a, b)
+    return [r["lo"], r["hi"]]

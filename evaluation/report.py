@@ -121,12 +121,18 @@ def _diversity(r: dict) -> list[str]:
              f"{dv['tasks']} {SPLIT_TITLES.get(dv['split'], dv['split'])} tasks, {dv['samples']} samples each ({dv['sampler']}, "
              f"guidance {dv['guidance']}, strength {dv.get('strength', 1.0)}). Mean model (1 step): **{dv['mean_model']['acc']:.4f}**. "
              f"Disagreement between two training runs of the same class set: {_num(zoo, '.4f')}.", "",
-             "| steps | single sample | − mean model | pairwise disagreement | ensemble of samples | − mean model |",
+             "| steps | single sample | − mean model [95% interval] | pairwise disagreement | ensemble of samples | − mean model [95% interval] |",
              "|---|---|---|---|---|---|"]
     for st, v in dv["by_steps"].items():
-        lines.append(f"| {st} | {v['single_acc']:.4f} ± {v['single_acc_std_samples']:.4f} | {v['single_minus_mean_model']:+.4f} | "
-                     f"{v['disagreement']:.4f} | {v['ensemble_acc']:.4f} | {v['ensemble_minus_mean_model']:+.4f} |")
+        lines.append(f"| {st} | {v['single_acc']:.4f} ± {v['single_acc_std_samples']:.4f} | {v['single_minus_mean_model']:+.4f}"
+                     f"{_ci(v.get('single_minus_mean_model_ci'))} | {v['disagreement']:.4f} | {v['ensemble_acc']:.4f} | "
+                     f"{v['ensemble_minus_mean_model']:+.4f}{_ci(v.get('ensemble_minus_mean_model_ci'))} |")
     return lines + [""]
+
+
+def _ci(ci: list | None) -> str:
+    """' [lo, hi]' of an interval (results from before intervals were recorded have none)."""
+    return f" [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else ""
 
 
 def _hypernet_and_sizes(r: dict) -> list[str]:

@@ -329,6 +329,9 @@ def test_results_schema(eval_run):
     dv = r["diversity"]
     assert dv["split"] == "unseen_combo" and dv["samples"] == 2 and set(dv["by_steps"]) == {"2"}
     assert 0.0 <= dv["by_steps"]["2"]["disagreement"] <= 1.0 and 0.0 <= dv["mean_model"]["acc"] <= 1.0
+    for gap in ("single_minus_mean_model", "ensemble_minus_mean_model"):  # each gap with its paired interval over tasks
+        lo, hi = dv["by_steps"]["2"][f"{gap}_ci"]
+        assert lo <= dv["by_steps"]["2"][gap] <= hi
     assert any("zeroshot skipped" in n for n in r["notes"])
     assert r["headline"]["split"] == "unseen_combo"
     fb = r["finetune_budget"]
