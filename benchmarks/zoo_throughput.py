@@ -119,6 +119,43 @@ def run_batched(data, init, tasks, steps, batch, group_size, workers, threads, p
     return time.perf_counter() - t0
 
 
+def run_convs_only(tasks, steps, batch, group_size, workers, per_call, dtype=torch.float32, target: str = "cnn-5k") -> float:
+    """Seconds for only the convolutions of the batched trainer's steps (the same grouped channels-last
+    calls, forward and backward, in dtype), nothing around them: no pooling, activations, head, loss, Adam
+    or data. A floor under the whole-network trainer's time, hence a ceiling on its speed-up."""
+    net = get_target(target).build(10, IMAGE).eval()
+    shapes = []  # (conv module, its input's (C, H, W)) in forward order
+    hooks = [m.register_forward_pre_hook(lambda m, a: shapes.append((m, a[0].shape[1:])))
+             for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        net(torch.rand(1, IMAGE.channels, IMAGE.size, IMAGE.size))
+    for h in hooks:
+        h.remove()
+    torch.set_num_threads(1)
+
+    def one(models: int) -> None:
+        calls = [min(per_call, models - lo) for lo in range(0, models, per_call)]
+        layers = []
+        for i, (m, (c, h, w)) in enumerate(shapes):
+            for G in sorted(set(calls)):
+                x = torch.rand(batch, G * c, h, w).contiguous(memory_format=torch.channels_last).requires_grad_(i > 0)
+                wt = torch.randn(G * m.out_channels, c // m.groups, *m.kernel_size, requires_grad=True)
+                layers.append((G, m, x, wt))
+        for _ in range(steps):
+            for G in calls:
+                for g, m, x, wt in layers:
+                    if g == G:
+                        with torch.autocast("cpu", dtype, enabled=dtype != torch.float32):
+                            y = F.conv2d(x, wt, None, m.stride, m.padding, m.dilation, m.groups * G)
+                        torch.autograd.grad(y, [wt, x] if x.requires_grad else [wt], torch.ones_like(y))
+
+    groups = [len(tasks[lo : lo + group_size]) for lo in range(0, len(tasks), group_size)]
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(one, groups))
+    return time.perf_counter() - t0
+
+
 def run_loop(data, init, tasks, steps, batch, threads, channels_last: bool, bf16: bool = False, target: str = "cnn-5k") -> float:
     """Seconds for the same work as plain nn.Module training, one model after another (a head-on-backbone
     target: its head as an nn.Module over the precomputed features, the cheapest honest loop)."""
@@ -209,7 +246,8 @@ def main(argv=None) -> dict:
                     help="CPU rows: generic (zoo_builder/stack.py as the build runs it), generic-bf16 (its convolutions in "
                          "bfloat16), vmap (stack.py's vmap fallback), fast (cnn-5k's C kernels + manual backward), loop, loop1 (the loop on "
                          "one thread: beside other processes, the 2-thread loop loses most to their preemptions), loop-bf16 "
-                         "(the loop under bf16 autocast: generic-bf16's like-for-like baseline), and the extra variants "
+                         "(the loop under bf16 autocast: generic-bf16's like-for-like baseline), convs (only the generic "
+                         "trainer's convolutions, float32 and bf16: a ceiling on its speed), and the extra variants "
                          "threads, bf16, loop-variants")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
@@ -254,9 +292,14 @@ def main(argv=None) -> dict:
             f"loop {tgt}, nn.Module (NCHW, 1 thread)": (loop_tasks, lambda ts, n: run_loop(data, init, ts, n, B, 1, False, target=tgt)),
             f"loop {tgt}, nn.Module (bf16 autocast)": (loop_tasks, lambda ts, n: run_loop(data, init, ts, n, B, T, False, bf16=True,
                                                                                          target=tgt)),
+            f"convolutions only {tgt} ({T} workers x 1 thread)": (tasks, lambda ts, n: run_convs_only(ts, n, B, group, T, per_call,
+                                                                                                     target=tgt)),
+            f"convolutions only bf16 {tgt} ({T} workers x 1 thread)": (tasks, lambda ts, n: run_convs_only(
+                ts, n, B, group, T, per_call, torch.bfloat16, target=tgt)),
         }  # fmt: skip
+        convs = "convs" in want and not spec.head_only
         keep = ["generic" in want, "generic-bf16" in want, "vmap" in want, "fast" in want and tgt == "cnn-5k", "loop" in want,
-                "loop1" in want, "loop-bf16" in want and not spec.head_only]
+                "loop1" in want, "loop-bf16" in want and not spec.head_only, convs, convs]
         runs = {name: r for (name, r), k in zip(runs.items(), keep) if k}
         extra = {
             f"batched ({T} workers x 1 thread)": (tasks, lambda ts, n: run_batched(data, init, ts, n, B, group, T, 1, per_call)),

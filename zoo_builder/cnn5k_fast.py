@@ -1,8 +1,8 @@
 """cnn-5k's fast path: G cnn-5k models trained together with a hand-written backward pass.
 
-Kept because benchmarks/zoo_throughput.py measured it 2.9x the generic trainer (zoo_builder/stack.py) on
-this CPU, side by side in one run (70 vs 24 models/min, 25.1 vs 10.9 GFLOP per CPU-second), above the 1.3x
-that justifies its code (README, "Targets"; docs/results/zoo_throughput_targets.json).
+Kept because benchmarks/zoo_throughput.py measures it faster than the generic trainer (zoo_builder/stack.py)
+on this CPU, side by side in one run, by more than the 1.3x that justifies its code: 1.64x in session 11
+(2,151 vs 1,314 models/min; docs/results/zoo_throughput_ceiling.json), 1.76x in session 10 (README, "Targets").
 
 cnn-5k: conv1 + max-pool are fused: each pooled pixel's 4x4 input window times a block weight
 (16C, 4 positions x 8 channels) gives the 4 conv outputs the pool takes the max of, so conv1 is one
