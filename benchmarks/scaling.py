@@ -132,18 +132,19 @@ def train_one(cfg: ScalingConfig, zoo: Path, size: str, name: str) -> tuple[Path
     """Train (or reuse) one generator by the shipped recipe (`make train`): `steps` of diffusion training, then
     (task_steps > 0) a second stage with the task loss, warm-started from the first. Returns the first and the
     last stage's bundles (the same without a second stage) and the training seconds of both (Lightning fit time)."""
-    bundle, secs = _stage(cfg, zoo, size, name, cfg.steps, 0, [])
+    bundle, secs = _stage(cfg, zoo, size, name, cfg.steps, 0, 0.0, [])
     if not cfg.task_steps:
         return bundle, bundle, secs
-    task, task_secs = _stage(cfg, zoo, size, f"{name}-task", cfg.task_steps, cfg.steps, [
-        f"init_from={bundle}", f"task_loss.weight={cfg.task_weight}", f"optim.lr={cfg.task_lr}",
-        f"optim.warmup_steps={min(50, max(1, cfg.task_steps // 10))}"])
+    task, task_secs = _stage(cfg, zoo, size, f"{name}-task", cfg.task_steps, cfg.steps, cfg.task_weight, [
+        f"init_from={bundle}", f"optim.lr={cfg.task_lr}", f"optim.warmup_steps={min(50, max(1, cfg.task_steps // 10))}"])
     return bundle, task, secs + task_secs
 
 
-def _stage(cfg: ScalingConfig, zoo: Path, size: str, name: str, steps: int, steps_before: int,
+def _stage(cfg: ScalingConfig, zoo: Path, size: str, name: str, steps: int, steps_before: int, task_weight: float,
            extra: list[str]) -> tuple[Path, float]:
     """One `tina train` run (or a finished run of the same settings on the same vectors, reused)."""
+    import yaml
+
     from tina.config import load_config
     from tina.training.data import read_manifest
     from tina.training.train import TrainConfig, train
@@ -152,7 +153,9 @@ def _stage(cfg: ScalingConfig, zoo: Path, size: str, name: str, steps: int, step
     bundle = run / "bundle"
     if (bundle / "bundle.json").is_file():
         t = json.loads((bundle / "bundle.json").read_text()).get("training", {})
+        saved = yaml.safe_load((bundle / "config.yaml").read_text()) if (bundle / "config.yaml").is_file() else {}
         if (t.get("steps") == steps and t.get("steps_before", 0) == steps_before and t.get("generator_size") == size
+                and float((saved.get("task_loss") or {}).get("weight", 0.0)) == task_weight
                 and t.get("zoo_config_hash") == read_manifest(zoo).get("config_hash")
                 and _same_vectors(json.loads((bundle / "layout.json").read_text()), read_manifest(zoo)["layout"])):
             return bundle, float(t.get("seconds", float("nan")))
@@ -162,6 +165,7 @@ def _stage(cfg: ScalingConfig, zoo: Path, size: str, name: str, steps: int, step
     if steps < 1000:  # no intermediate validation or checkpoints in short runs
         overrides += [f"trainer.val_every={10 * steps}", f"trainer.ckpt_every={10 * steps}", "val.tasks=2",
                       "trainer.final_val_tasks=2", "diffusion.steps=5"]
+    overrides.append(f"task_loss.weight={task_weight}")
     path = train(load_config(TrainConfig, ROOT / cfg.train_config, overrides + extra + list(cfg.train_overrides)))
     return path, float(json.loads((path / "bundle.json").read_text())["training"]["seconds"])  # fit time, as recorded
 
