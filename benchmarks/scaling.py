@@ -154,10 +154,11 @@ def _stage(cfg: ScalingConfig, zoo: Path, size: str, name: str, steps: int, step
     if (bundle / "bundle.json").is_file():
         t = json.loads((bundle / "bundle.json").read_text()).get("training", {})
         saved = yaml.safe_load((bundle / "config.yaml").read_text()) if (bundle / "config.yaml").is_file() else {}
+        man = read_manifest(zoo)
         if (t.get("steps") == steps and t.get("steps_before", 0) == steps_before and t.get("generator_size") == size
                 and float((saved.get("task_loss") or {}).get("weight", 0.0)) == task_weight
-                and t.get("zoo_config_hash") == read_manifest(zoo).get("config_hash")
-                and _same_vectors(json.loads((bundle / "layout.json").read_text()), read_manifest(zoo)["layout"])):
+                and t.get("zoo_config_hash") == man.get("config_hash")
+                and _same_vectors(json.loads((bundle / "layout.json").read_text()), man["layout"])):
             return bundle, float(t.get("seconds", float("nan")))
     overrides = [f"zoo={zoo}", f"out={run}", f"generator.size={size}", f"trainer.max_steps={steps}",
                  f"trainer.batch_size={cfg.batch_size}", f"optim.warmup_steps={min(200, max(1, steps // 10))}",

@@ -134,20 +134,17 @@ def run_convs_only(tasks, steps, batch, group_size, workers, per_call, dtype=tor
     torch.set_num_threads(1)
 
     def one(models: int) -> None:
-        calls = [min(per_call, models - lo) for lo in range(0, models, per_call)]
-        layers = []
-        for i, (m, (c, h, w)) in enumerate(shapes):
-            for G in sorted(set(calls)):
-                x = torch.rand(batch, G * c, h, w).contiguous(memory_format=torch.channels_last).requires_grad_(i > 0)
-                wt = torch.randn(G * m.out_channels, c // m.groups, *m.kernel_size, requires_grad=True)
-                layers.append((G, m, x, wt))
+        calls = [min(per_call, models - lo) for lo in range(0, models, per_call)]  # models per call, as fit chunks them
+        layers = {G: [(m, torch.rand(batch, G * c, h, w).contiguous(memory_format=torch.channels_last).requires_grad_(i > 0),
+                       torch.randn(G * m.out_channels, c // m.groups, *m.kernel_size, requires_grad=True))
+                      for i, (m, (c, h, w)) in enumerate(shapes)]
+                  for G in set(calls)}  # (conv, input, weight) per layer; the first conv's input needs no gradient
         for _ in range(steps):
             for G in calls:
-                for g, m, x, wt in layers:
-                    if g == G:
-                        with torch.autocast("cpu", dtype, enabled=dtype != torch.float32):
-                            y = F.conv2d(x, wt, None, m.stride, m.padding, m.dilation, m.groups * G)
-                        torch.autograd.grad(y, [wt, x] if x.requires_grad else [wt], torch.ones_like(y))
+                for m, x, wt in layers[G]:
+                    with torch.autocast("cpu", dtype, enabled=dtype != torch.float32):
+                        y = F.conv2d(x, wt, None, m.stride, m.padding, m.dilation, m.groups * G)
+                    torch.autograd.grad(y, [wt, x] if x.requires_grad else [wt], torch.ones_like(y))
 
     groups = [len(tasks[lo : lo + group_size]) for lo in range(0, len(tasks), group_size)]
     t0 = time.perf_counter()
